@@ -1,0 +1,105 @@
+"""The ``calofm`` command line: one dispatcher, each subcommand in the module that does the work.
+
+A command module defines ``add_arguments(parser)`` and ``run(args) -> int`` and imports heavy
+libraries (torch, transformers) inside ``run`` so ``calofm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import re
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "geometries": ("calofm.commands.geometries", "list the detector geometries and their key numbers"),
+    "simulate": ("calofm.sim.cli", "simulate showers with the built-in parametrised simulator"),
+    "validate": ("calofm.commands.files", "check a shower file and print a summary"),
+    "convert": ("calofm.commands.convert", "convert between calofm, CaloChallenge and Parquet files"),
+    "generate": ("calofm.generate", "generate showers with a trained model"),
+    "evaluate": ("calofm.evaluation.cli", "compare generated with reference showers: metrics, plots, report"),
+    "compare-geometries": ("calofm.evaluation.compare", "plot shower profiles of several geometries"),
+    "adapt": ("calofm.adapt", "adapt a pretrained model to a new detector (LoRA or full fine-tuning)"),
+}
+
+
+class CliError(ValueError):
+    """A command-line value is malformed."""
+
+
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*$")
+
+
+def parse_count(text: str) -> int:
+    """'200k' -> 200000, '1M' -> 1000000, '5000' -> 5000."""
+    m = _COUNT.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a count (examples: 5000, 200k, 1M)")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number of showers")
+    return int(value)
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """'1:1000' -> (1.0, 1000.0); '50:50' or '50' -> (50.0, 50.0)."""
+    parts = str(text).split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a range like 1:1000") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a range lo:hi with lo <= hi")
+    return values[0], values[1]
+
+
+def add_geometry_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--geometry-dir", action="append", default=[], metavar="DIR",
+                        help="extra folder of geometry YAML cards (also $CALOFM_GEOMETRY_DIR)")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calofm", description="Calorimeter shower foundation model toolkit.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # build only the chosen subcommand's arguments (imports of the others are skipped)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(only=chosen or "")
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("calofm: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError) as err:
+        # one-line errors for bad input; --verbose -v shows the traceback
+        if args.verbose > 1:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"calofm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

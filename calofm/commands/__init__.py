@@ -1,0 +1,1 @@
+"""Small command modules of the ``calofm`` CLI (bigger commands live next to their subsystem)."""

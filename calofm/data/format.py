@@ -1,0 +1,187 @@
+"""The native shower file: the LEMURS / Geant4 Par04 HDF5 layout, plus calofm attributes.
+
+Datasets (formats.md §2.1):
+    showers           float32 (N, 9, 16, 45)  MeV, axes (r, phi, z)
+    incident_energy   float32 (N,)            MeV
+    incident_phi      float32 (N,)            rad
+    incident_theta    float32 (N,)            rad
+
+calofm adds file attributes (geometry, particle, mesh, energy scale, generator, seed, format
+version). Files written by others have none of them and still load; the geometry then comes
+from the user. Every check here raises ``ShowerFileError`` with one line naming file and problem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from calofm.geometry import MESH_SHAPE
+
+FORMAT_VERSION = "1"
+SHOWERS = "showers"
+ENERGY = "incident_energy"
+PHI = "incident_phi"
+THETA = "incident_theta"
+CONDITION_KEYS = (ENERGY, PHI, THETA)
+REQUIRED_KEYS = (SHOWERS, *CONDITION_KEYS)
+ENERGY_SCALES = ("visible", "deposited")
+
+
+class ShowerFileError(ValueError):
+    """A shower file is missing, malformed or holds invalid values."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class FileAttrs:
+    """calofm's file attributes; all optional for files written by other tools."""
+
+    geometry: str | None = None
+    particle: str | None = None
+    energy_scale: str = "visible"  # "visible" (active-layer energy, LEMURS) or "deposited" (CaloChallenge-like)
+    mesh_shape: tuple[int, int, int] = MESH_SHAPE
+    mesh_dr: float | None = None  # mm
+    mesh_dz: float | None = None  # mm
+    generator: str | None = None
+    seed: int | None = None
+    format_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _names = ("geometry", "particle", "energy_scale", "mesh_dr", "mesh_dz", "generator", "seed")
+
+    def to_h5(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"calofm_format_version": FORMAT_VERSION, "mesh_shape": np.array(self.mesh_shape)}
+        for name in self._names:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        for key, value in self.extra.items():
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_h5(cls, attrs: h5py.AttributeManager) -> FileAttrs:
+        def get(key):
+            value = attrs.get(key)
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, np.generic):
+                value = value.item()
+            return value
+
+        shape = attrs.get("mesh_shape")
+        known = set(cls._names) | {"mesh_shape", "calofm_format_version"}
+        return cls(
+            geometry=get("geometry"),
+            particle=get("particle"),
+            energy_scale=get("energy_scale") or "visible",
+            mesh_shape=tuple(int(v) for v in shape) if shape is not None else MESH_SHAPE,
+            mesh_dr=get("mesh_dr"),
+            mesh_dz=get("mesh_dz"),
+            generator=get("generator"),
+            seed=get("seed"),
+            format_version=get("calofm_format_version"),
+            extra={k: get(k) for k in attrs if k not in known},
+        )
+
+
+def open_h5(path: str | Path, mode: str = "r", **kwargs) -> h5py.File:
+    """Open an HDF5 file, turning OS/HDF5 errors into one-line ``ShowerFileError``s."""
+    path = Path(path)
+    if "r" in mode and "+" not in mode or mode == "r+":
+        if not path.exists():
+            raise ShowerFileError(path, "file not found")
+        if path.is_dir():
+            raise ShowerFileError(path, "is a directory, not an HDF5 file")
+        if not h5py.is_hdf5(path):
+            raise ShowerFileError(path, "not an HDF5 file (or truncated before its header)")
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as err:
+        msg = str(err).split("\n")[0]
+        raise ShowerFileError(path, f"cannot open HDF5 file, truncated or corrupt? ({msg})") from None
+
+
+def check_structure(f: h5py.File, path: str | Path) -> int:
+    """Keys, ranks, shapes, dtypes and lengths; returns the number of showers."""
+    missing = [k for k in REQUIRED_KEYS if k not in f]
+    if missing:
+        hint = ""
+        if "incident_energies" in f:
+            hint = " (looks like a CaloChallenge file: use `calofm convert ... --to calofm`)"
+        raise ShowerFileError(path, f"missing key(s) {missing}{hint}")
+    for key in REQUIRED_KEYS:
+        if not isinstance(f[key], h5py.Dataset):
+            raise ShowerFileError(path, f"'{key}' is a group, expected a dataset")
+        if not np.issubdtype(f[key].dtype, np.floating):
+            raise ShowerFileError(path, f"'{key}' has dtype {f[key].dtype}, expected float32")
+    showers = f[SHOWERS]
+    if showers.ndim != 4 or tuple(showers.shape[1:]) != MESH_SHAPE:
+        raise ShowerFileError(
+            path, f"'showers' has shape {tuple(showers.shape)}, expected (N, {', '.join(map(str, MESH_SHAPE))})"
+        )
+    n = showers.shape[0]
+    for key in CONDITION_KEYS:
+        ds = f[key]
+        if ds.ndim != 1:
+            raise ShowerFileError(path, f"'{key}' has shape {tuple(ds.shape)}, expected ({n},)")
+        if ds.shape[0] != n:
+            raise ShowerFileError(path, f"'{key}' has {ds.shape[0]} entries but 'showers' has {n}")
+    return n
+
+
+def check_values(
+    path: str | Path,
+    showers: np.ndarray | None = None,
+    energy: np.ndarray | None = None,
+    phi: np.ndarray | None = None,
+    theta: np.ndarray | None = None,
+    offset: int = 0,
+) -> None:
+    """NaN/Inf, negative energies and angle ranges; ``offset`` makes row numbers file-global."""
+
+    def first_bad(mask: np.ndarray) -> int:
+        rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+        return offset + int(rows[0])
+
+    if showers is not None:
+        finite = np.isfinite(showers)
+        if not finite.all():
+            raise ShowerFileError(path, f"'showers' holds NaN/Inf (first in shower {first_bad(~finite)})")
+        if (showers < 0).any():
+            raise ShowerFileError(path, f"'showers' holds negative energies (first in shower {first_bad(showers < 0)})")
+    if energy is not None:
+        if not np.isfinite(energy).all():
+            raise ShowerFileError(path, f"'incident_energy' holds NaN/Inf (first at row {first_bad(~np.isfinite(energy))})")
+        if (energy <= 0).any():
+            raise ShowerFileError(path, f"'incident_energy' must be > 0 MeV (row {first_bad(energy <= 0)})")
+    for key, values, lo, hi in ((PHI, phi, -math.pi, 2 * math.pi), (THETA, theta, 0.0, math.pi)):
+        if values is None:
+            continue
+        if not np.isfinite(values).all():
+            raise ShowerFileError(path, f"'{key}' holds NaN/Inf (first at row {first_bad(~np.isfinite(values))})")
+        bad = (values < lo - 1e-5) | (values > hi + 1e-5)
+        if bad.any():
+            raise ShowerFileError(path, f"'{key}' outside [{lo:.4g}, {hi:.4g}] rad (row {first_bad(bad)}); degrees?")
+
+
+def check_geometry(path: str | Path, attrs: FileAttrs, geometry) -> None:
+    """The file's recorded geometry and mesh must match the one the user asked for."""
+    if geometry is None:
+        return
+    if attrs.geometry is not None and attrs.geometry != geometry.name:
+        raise ShowerFileError(path, f"geometry mismatch: file holds '{attrs.geometry}', asked for '{geometry.name}'")
+    for name, value, expected in (("dr", attrs.mesh_dr, geometry.mesh.dr), ("dz", attrs.mesh_dz, geometry.mesh.dz)):
+        if value is not None and abs(float(value) - expected) > 1e-4 * expected:
+            raise ShowerFileError(
+                path, f"mesh mismatch: file has {name} = {value} mm, geometry '{geometry.name}' has {expected} mm"
+            )

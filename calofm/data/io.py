@@ -1,0 +1,320 @@
+"""Reading and writing native shower files.
+
+``ShowerWriter`` streams chunks into resizable datasets of ``<out>.partial`` and renames it to
+``<out>`` only when closed cleanly, so an interrupted run never leaves a file that looks
+complete; with ``resume=True`` a later run continues the partial file where it stopped.
+``ShowerFile`` is a lazy, memory-bounded reader whose batch reads touch whole HDF5 chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from calofm.data.format import (
+    CONDITION_KEYS,
+    ENERGY,
+    PHI,
+    SHOWERS,
+    THETA,
+    FileAttrs,
+    ShowerFileError,
+    check_geometry,
+    check_structure,
+    check_values,
+    open_h5,
+)
+from calofm.geometry import MESH_SHAPE
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 64  # showers per HDF5 chunk: 1.6 MB uncompressed, the unit of every batch read
+COMMITTED = "calofm_rows_committed"  # rows known to be fully written (resume point)
+
+
+def partial_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+class ShowerWriter:
+    """Append showers in chunks; the output appears under its final name only on ``close()``.
+
+    ``compression`` is ``None`` (fastest random access), ``"gzip"`` (level 4 with shuffle,
+    as small as the LEMURS files) or ``"lzf"``. ``resume=True`` reopens a matching
+    ``.partial`` file and ``n_written`` tells the producer where to continue.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: FileAttrs | None = None,
+        compression: str | None = "gzip",
+        resume: bool = False,
+        expected_rows: int | None = None,
+        overwrite: bool = True,
+    ):
+        self.path = Path(path)
+        self.tmp = partial_path(self.path)
+        self.attrs = attrs or FileAttrs()
+        if self.path.exists() and not overwrite:
+            raise ShowerFileError(self.path, "exists already (pass overwrite=True or choose another name)")
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.n_written = 0
+        self._file: h5py.File | None = None
+        if resume and self.tmp.exists() and self._reopen():
+            return
+        if self.tmp.exists():
+            self.tmp.unlink()
+        self._create(compression, expected_rows)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _create(self, compression: str | None, expected_rows: int | None) -> None:
+        opts: dict[str, Any] = {}
+        if compression == "gzip":
+            opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        elif compression == "lzf":
+            opts = {"compression": "lzf", "shuffle": True}
+        elif compression is not None:
+            raise ValueError(f"compression must be None, 'gzip' or 'lzf', not {compression!r}")
+        f = open_h5(self.tmp, "w")
+        f.create_dataset(
+            SHOWERS, shape=(0, *MESH_SHAPE), maxshape=(None, *MESH_SHAPE), dtype="f4",
+            chunks=(CHUNK_ROWS, *MESH_SHAPE), **opts,
+        )
+        for key in CONDITION_KEYS:
+            f.create_dataset(key, shape=(0,), maxshape=(None,), dtype="f4", chunks=(4096,))
+        for key, value in self.attrs.to_h5().items():
+            f.attrs[key] = value
+        if expected_rows is not None:
+            f.attrs["calofm_expected_rows"] = expected_rows
+        f.attrs[COMMITTED] = 0
+        self._file = f
+
+    def _reopen(self) -> bool:
+        """Continue a partial file whose attributes match this run; False if it cannot be used."""
+        try:
+            f = open_h5(self.tmp, "r+")
+            check_structure(f, self.tmp)
+        except ShowerFileError as err:
+            log.warning("cannot resume %s (%s); starting again", self.tmp, err.problem)
+            return False
+        old = FileAttrs.from_h5(f.attrs)
+        for name in ("geometry", "particle", "energy_scale", "generator", "seed"):
+            if getattr(old, name) != getattr(self.attrs, name):
+                log.warning("cannot resume %s: %s differs (%r vs %r); starting again",
+                            self.tmp, name, getattr(old, name), getattr(self.attrs, name))
+                f.close()
+                return False
+        if any(old.extra.get(k) != v for k, v in self.attrs.extra.items()):
+            log.warning("cannot resume %s: run settings differ; starting again", self.tmp)
+            f.close()
+            return False
+        n = int(f.attrs.get(COMMITTED, 0))
+        for key in (SHOWERS, *CONDITION_KEYS):  # drop rows of an append that was cut short
+            f[key].resize(n, axis=0)
+        self._file, self.n_written = f, n
+        log.info("resuming %s after %d showers", self.tmp, n)
+        return True
+
+    # -- writing --------------------------------------------------------------------------------
+    def append(self, showers: np.ndarray, energy: np.ndarray, phi: np.ndarray, theta: np.ndarray) -> None:
+        """Append a chunk: showers (n, 9, 16, 45) MeV, energy (n,) MeV, phi/theta (n,) rad."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: writer is closed")
+        showers = np.asarray(showers, dtype=np.float32)
+        n = showers.shape[0]
+        cols = {ENERGY: energy, PHI: phi, THETA: theta}
+        cols = {k: np.asarray(v, dtype=np.float32).reshape(-1) for k, v in cols.items()}
+        if showers.shape[1:] != MESH_SHAPE or any(len(v) != n for v in cols.values()):
+            raise ShowerFileError(self.path, f"append: inconsistent chunk shapes {showers.shape}, "
+                                             f"{[len(v) for v in cols.values()]}")
+        check_values(self.path, showers, cols[ENERGY], cols[PHI], cols[THETA], offset=self.n_written)
+        f, start = self._file, self.n_written
+        for key in (SHOWERS, *CONDITION_KEYS):
+            f[key].resize(start + n, axis=0)
+        f[SHOWERS][start:] = showers
+        for key, values in cols.items():
+            f[key][start:] = values
+        self.n_written = start + n
+        f.attrs[COMMITTED] = self.n_written
+        f.flush()
+
+    def close(self) -> Path:
+        """Finish the file and move it to its final name (atomic on one filesystem)."""
+        if self._file is None:
+            return self.path
+        if COMMITTED in self._file.attrs:
+            del self._file.attrs[COMMITTED]
+        self._file.close()
+        self._file = None
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop writing but keep ``.partial`` so a later ``resume=True`` run can continue it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> ShowerWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShowerFile:
+    """Lazy reader of one native shower file.
+
+    Nothing is loaded at open; ``read(idx)`` returns the rows of an index batch, sorted and
+    grouped into contiguous runs so each HDF5 chunk is decompressed once per batch. Values
+    are checked as they are read (NaN/Inf, negative energies), structure when opened.
+    """
+
+    def __init__(self, path: str | Path, geometry=None, check: bool = True, cache_mb: int = 64):
+        self.path = Path(path)
+        self._h5 = open_h5(self.path, "r", rdcc_nbytes=cache_mb * 2**20, rdcc_nslots=10007)
+        try:
+            self.n = check_structure(self._h5, self.path)
+            self.attrs = FileAttrs.from_h5(self._h5.attrs)
+            check_geometry(self.path, self.attrs, geometry)
+        except ShowerFileError:
+            self._h5.close()
+            raise
+        self.geometry_name = geometry.name if geometry is not None else self.attrs.geometry
+        self.check = check
+        self._conditions: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def conditions(self) -> dict[str, np.ndarray]:
+        """All incident energies (MeV) and angles (rad): small, read once and kept."""
+        if self._conditions is None:
+            cond = {k: self._h5[k][:].astype(np.float32) for k in CONDITION_KEYS}
+            if self.check:
+                check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
+            self._conditions = cond
+        return self._conditions
+
+    def read(self, index: np.ndarray | slice | list[int]) -> dict[str, np.ndarray]:
+        """Rows ``index`` (any order, repeats allowed): showers (n, 9, 16, 45) and conditions (n,)."""
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.n)
+            index = np.arange(start, stop, step)
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self.n):
+            raise IndexError(f"{self.path}: index out of range for {self.n} showers")
+        order = np.argsort(index, kind="stable")
+        sorted_idx = index[order]
+        uniq, inverse = np.unique(sorted_idx, return_inverse=True)
+        showers = np.empty((len(uniq), *MESH_SHAPE), dtype=np.float32)
+        # contiguous runs -> one slice read each (h5py fancy indexing is row by row)
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        pos = 0
+        try:
+            for run in np.split(uniq, breaks):
+                if run.size:
+                    showers[pos : pos + run.size] = self._h5[SHOWERS][run[0] : run[-1] + 1]
+                    pos += run.size
+        except OSError as err:
+            raise ShowerFileError(self.path, f"read failed, file truncated or corrupt? ({err})") from None
+        out = np.empty((len(index), *MESH_SHAPE), dtype=np.float32)
+        out[order] = showers[inverse]
+        if self.check:
+            check_values(self.path, showers=out)
+        cond = self.conditions()
+        result = {SHOWERS: out}
+        result.update({k: cond[k][index] for k in CONDITION_KEYS})
+        return result
+
+    def iter_chunks(self, rows: int = 4096, progress: bool = False, desc: str | None = None):
+        """Yield (start, batch dict) over the whole file in order."""
+        bar = tqdm(total=self.n, unit="shower", disable=not progress, desc=desc or self.path.name)
+        for start in range(0, self.n, rows):
+            batch = self.read(slice(start, min(start + rows, self.n)))
+            bar.update(len(batch[SHOWERS]))
+            yield start, batch
+        bar.close()
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Everything in memory (26 kB per shower)."""
+        return self.read(slice(0, self.n))
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> ShowerFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):  # picklable for DataLoader workers: reopen lazily in the child
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._h5 = open_h5(self.path, "r", rdcc_nbytes=64 * 2**20, rdcc_nslots=10007)
+
+
+def write_showers(
+    path: str | Path,
+    showers: np.ndarray,
+    energy: np.ndarray,
+    phi: np.ndarray,
+    theta: np.ndarray,
+    attrs: FileAttrs | None = None,
+    compression: str | None = "gzip",
+) -> Path:
+    """Write a complete file in one call (temporary file, then rename)."""
+    with ShowerWriter(path, attrs=attrs, compression=compression) as w:
+        for start in range(0, len(showers), 4096):
+            sl = slice(start, start + 4096)
+            w.append(showers[sl], energy[sl], phi[sl], theta[sl])
+    return Path(path)
+
+
+def read_showers(path: str | Path, geometry=None) -> dict[str, np.ndarray]:
+    """Load a whole file into memory."""
+    with ShowerFile(path, geometry=geometry) as f:
+        return f.load()
+
+
+def validate_file(path: str | Path, geometry=None, progress: bool = False) -> dict[str, Any]:
+    """Full check of a file (structure, every value, geometry); returns a small summary."""
+    with ShowerFile(path, geometry=geometry) as f:
+        cond = f.conditions()
+        e_sum, n_hits, vmax = 0.0, 0, 0.0
+        for _, batch in f.iter_chunks(rows=2048, progress=progress, desc=f"validate {Path(path).name}"):
+            s = batch[SHOWERS]
+            e_sum += float(s.sum(dtype=np.float64))
+            n_hits += int((s > 0).sum())
+            vmax = max(vmax, float(s.max(initial=0.0)))
+        energy = cond[ENERGY]
+        ratio = e_sum / float(energy.sum(dtype=np.float64)) if f.n else float("nan")
+        return {
+            "file": str(path),
+            "showers": f.n,
+            "geometry": f.geometry_name or "(not recorded)",
+            "particle": f.attrs.particle or "(not recorded)",
+            "energy_scale": f.attrs.energy_scale,
+            "E_inc_GeV": (float(energy.min()) / 1e3, float(energy.max()) / 1e3) if f.n else (0.0, 0.0),
+            "theta": (float(cond[THETA].min()), float(cond[THETA].max())) if f.n else (0.0, 0.0),
+            "E_sum/E_inc": ratio,
+            "hits_per_shower": n_hits / max(f.n, 1),
+            "max_cell_MeV": vmax,
+        }
