@@ -10,6 +10,7 @@ command-line overrides with the same checks.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -148,20 +149,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Numbers in exponent notation without a dot ("1e-3", "5E4"), which YAML 1.1 reads as strings.
+_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _parse_scalar(text: str) -> Any:
-    # YAML typing for command-line values: 3 -> int, 1e-3 -> float, true -> bool, [a, b] -> list
+    # YAML typing for command-line values: 3 -> int, 1e-3 -> float, true -> bool, [a, b] -> list.
+    # A quoted value ('3', "none") stays a string: quoting is how a user asks for one.
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        return None
-    # YAML 1.1 reads "1e-3" as a string; accept it as a float
-    if isinstance(value, str):
-        try:
+    if isinstance(value, str) and text.strip()[:1] not in ("'", '"'):
+        if value.lower() in ("none", "null"):
+            return None
+        if _EXP_FLOAT.match(value.strip()):  # YAML 1.1 reads "1e-3" as a string; accept it as a float
             return float(value)
-        except ValueError:
-            return value
     return value
 
 
@@ -203,9 +206,22 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """Plain-data defaults of the fields that have one (``cls()`` fails when some field is required)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default_factory())
+    return out
+
+
 def build(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of ``cls`` <- YAML file ``path`` <- command-line ``overrides``; strictly checked."""
-    data = to_dict(cls()) if path is None else merge(to_dict(cls()), load_yaml(path))
+    data = _defaults(cls) if path is None else merge(_defaults(cls), load_yaml(path))
     if overrides:
         data = merge(data, parse_overrides(overrides))
     where = str(path) if path is not None else cls.__name__
