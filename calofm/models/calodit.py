@@ -1,0 +1,299 @@
+"""CaloDiT: a DiT with adaLN-Zero over 3D patches of the (r, phi, z) shower mesh (CaloDiT-2 style).
+
+Order as DiT's models.py: config -> patch embedding -> block -> final layer -> model. The network
+here is the raw EDM network F; preconditioning, loss and samplers live in ``calofm.diffusion``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from calofm.geometry import MESH_SHAPE, N_SLOTS
+from calofm.models.layers import (
+    Attention,
+    ConditionEmbedder,
+    Mlp,
+    TimestepEmbedder,
+    ZeroLinear,
+    modulate,
+    sincos_pos_embed_3d,
+)
+
+# Public API: suffixes of the Linear layers peft's LoRA may target (``LoraConfig(target_modules=...)``).
+# qkv/proj: attention in every block; fc1/fc2: the block MLPs; adaLN_modulation: the conditioning
+# Linears of every block and of the final layer. Renaming any of these breaks saved adapters.
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN_modulation")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's tensors do not match the model exactly (missing, unexpected or reshaped keys)."""
+
+
+class CaloDiTConfig(PreTrainedConfig):
+    """Architecture, EDM constants and the data description a CaloDiT checkpoint carries with it."""
+
+    model_type = "calodit"
+
+    mesh_shape: tuple[int, int, int] = MESH_SHAPE  # (r, phi, z) cells
+    patch_size: tuple[int, int, int] = (3, 2, 3)  # (r, phi, z) cells per token: 3x8x15 = 360 tokens on the mesh
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    mlp_ratio: float = 4.0
+    frequency_embedding_size: int = 256
+    n_geometry_slots: int = N_SLOTS  # rows of geometry_embed; spare rows are for adapting to new detectors
+    cond_dropout: float = 0.0  # training-time probability of dropping all conditions (classifier-free guidance)
+    # EDM (Karras et al. 2022) constants, as CaloDiT-2.
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV.
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    geometry_slots: dict[str, int] = field(default_factory=dict)
+    geometry_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self, **kwargs):
+        # config.json stores tuples as lists
+        self.mesh_shape = tuple(self.mesh_shape)
+        self.patch_size = tuple(self.patch_size)
+        self.geometry_slots = dict(self.geometry_slots or {})
+        self.geometry_thresholds = {k: float(v) for k, v in (self.geometry_thresholds or {}).items()}
+        self.preprocessing = dict(self.preprocessing or {})
+        self._check()
+        super().__post_init__(**kwargs)
+
+    def _check(self):
+        def ints(name, values, low=1):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+                raise ValueError(f"CaloDiTConfig.{name}={values!r}: expected integers >= {low}")
+
+        ints("mesh_shape", self.mesh_shape)
+        ints("patch_size", self.patch_size)
+        if len(self.mesh_shape) != 3 or len(self.patch_size) != 3:
+            raise ValueError("CaloDiTConfig: mesh_shape and patch_size need 3 entries (r, phi, z)")
+        if any(p > n for p, n in zip(self.patch_size, self.mesh_shape)):
+            raise ValueError(f"CaloDiTConfig: patch_size {self.patch_size} is larger than mesh {self.mesh_shape}")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "frequency_embedding_size"):
+            ints(name, [getattr(self, name)])
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        if self.hidden_size % 6:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 6 (3 axes x sin/cos positions)")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        ints("n_geometry_slots", [self.n_geometry_slots], low=N_SLOTS)
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.rho <= 0 or self.P_std <= 0:
+            raise ValueError("EDM constants: need 0 < sigma_min < sigma_max, sigma_data > 0, rho > 0, P_std > 0")
+        slots, n_slots = list(self.geometry_slots.values()), self.n_geometry_slots
+        if not all(isinstance(s, int) and 0 <= s < n_slots for s in slots) or len(set(slots)) < len(slots):
+            raise ValueError(f"geometry_slots {self.geometry_slots}: need distinct ints in [0, {n_slots})")
+        if set(self.geometry_thresholds) - set(self.geometry_slots):
+            raise ValueError("geometry_thresholds names a geometry that is not in geometry_slots")
+        if any(t < 0 for t in self.geometry_thresholds.values()):
+            raise ValueError("geometry_thresholds must be >= 0 MeV")
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        """Tokens along (r, phi, z): ceil(mesh / patch)."""
+        return tuple(-(-n // p) for n, p in zip(self.mesh_shape, self.patch_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def pad_mesh(x: torch.Tensor, pad: tuple[int, int, int]) -> torch.Tensor:
+    """Pad (B, R, P, Z) at the end of each axis so patches tile it: phi circularly, r and z with zeros.
+
+    phi is periodic: the cell after the last phi bin is bin 0, so a patch straddling the seam sees
+    its real neighbours. Beyond the last r ring and the last z layer there is no detector: zeros.
+    """
+    pad_r, pad_phi, pad_z = pad
+    if pad_phi:
+        x = torch.cat([x, x[:, :, :pad_phi]], dim=2)
+    return F.pad(x, (0, pad_z, 0, 0, 0, pad_r)) if pad_r or pad_z else x
+
+
+class PatchEmbed3D(nn.Module):
+    """(B, R, P, Z) mesh -> (B, T, D) tokens with a Conv3d whose kernel = stride = patch."""
+
+    def __init__(self, mesh_shape, patch_size, hidden_size):
+        super().__init__()
+        self.pad = tuple((-n) % p for n, p in zip(mesh_shape, patch_size))
+        self.conv = nn.Conv3d(1, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_mesh(x, self.pad).unsqueeze(1)  # (B, 1, R', P', Z')
+        return rearrange(self.conv(x), "b d r p z -> b (r p z) d")  # (B, T, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class DiTBlock(GradientCheckpointingLayer):
+    """Transformer block with adaLN-Zero: shift/scale/gate for attention and for the MLP from c."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = ZeroLinear(hidden_size, 6 * hidden_size)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a Linear from each token to its patch of cells."""
+
+    def __init__(self, hidden_size: int, patch_volume: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = ZeroLinear(hidden_size, 2 * hidden_size)
+        self.linear = ZeroLinear(hidden_size, patch_volume)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, patch volume)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class CaloDiTPreTrainedModel(PreTrainedModel):
+    config_class = CaloDiTConfig
+    base_model_prefix = "calodit"
+    main_input_name = "x"
+    _no_split_modules = ["DiTBlock"]
+    supports_gradient_checkpointing = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """All initialisation (DiT's initialize_weights). Runs in post_init and for missing keys on load.
+
+        Keys on leaf types (transformers 5 skips containers) and uses transformers.initialization, whose
+        functions leave already-loaded tensors alone.
+        """
+        if isinstance(module, ZeroLinear):
+            # adaLN-Zero: every block starts as the identity and F outputs 0, so at init D(x) = c_skip x.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)  # DiT's _basic_init
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv3d):
+            # xavier of the flattened (D, patch volume) matrix: DiT treats the patch embedding as a Linear
+            fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=0.02)  # DiT's label embedding
+        elif isinstance(module, CaloDiTModel):
+            # frozen positions are a non-persistent buffer (not in the checkpoint): rebuilt here on every load
+            init.copy_(module.pos_embed, module.build_pos_embed().to(module.pos_embed))
+
+
+class CaloDiTModel(CaloDiTPreTrainedModel):
+    """Raw network F(x, c_noise, energy, phi, theta, geometry) -> (B, R, P, Z), a tensor in model space."""
+
+    def __init__(self, config: CaloDiTConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.patch_embed = PatchEmbed3D(config.mesh_shape, config.patch_size, d)
+        self.register_buffer("pos_embed", self.build_pos_embed(), persistent=False)  # (1, T, D), frozen
+        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size)
+        # One small MLP per continuous condition; all are summed with the timestep embedding (CaloDiT-2).
+        self.energy_embed = ConditionEmbedder(1, d)  # log(E / GeV)
+        self.angle_embed = ConditionEmbedder(2, d)  # (sin phi, cos phi): continuous across phi = +-pi
+        self.theta_embed = ConditionEmbedder(1, d)  # theta in rad
+        # A one-hot times a matrix is this lookup; peft can target it (modules_to_save, trainable_token_indices).
+        self.geometry_embed = nn.Embedding(config.n_geometry_slots, d)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_attention_heads, config.mlp_ratio) for _ in range(config.num_hidden_layers)
+        )
+        self.final_layer = FinalLayer(d, math.prod(config.patch_size))
+        self.post_init()
+
+    def build_pos_embed(self) -> torch.Tensor:
+        """(1, T, D) sin-cos positions; phi uses integer harmonics, so it is periodic with no seam."""
+        pos = sincos_pos_embed_3d(self.config.grid_size, self.config.hidden_size, periodic=(False, True, False))
+        return pos[None]
+
+    def embed_conditions(self, energy, phi, theta, geometry, drop_cond=None) -> torch.Tensor:
+        """Sum of the condition embeddings (B, D); rows with drop_cond True are zeroed (unconditional)."""
+        energy, phi, theta = energy.float(), phi.float(), theta.float()
+        cond = (
+            self.energy_embed(torch.log(energy)[:, None])
+            + self.angle_embed(torch.stack([torch.sin(phi), torch.cos(phi)], dim=-1))
+            + self.theta_embed(theta[:, None])
+            + self.geometry_embed(geometry)
+        )
+        if drop_cond is None and self.training and self.config.cond_dropout > 0:
+            drop_cond = torch.rand(cond.shape[0], device=cond.device) < self.config.cond_dropout
+        if drop_cond is not None:
+            cond = cond * (~drop_cond).to(cond.dtype)[:, None]
+        return cond
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, pr*pp*pz) -> (B, R, P, Z), cropping the padding (the wrapped phi copy is dropped)."""
+        (gr, gp, gz), (pr, pp, pz) = self.config.grid_size, self.config.patch_size
+        x = rearrange(x, "b (r p z) (i j k) -> b (r i) (p j) (z k)", r=gr, p=gp, z=gz, i=pr, j=pp, k=pz)
+        n_r, n_phi, n_z = self.config.mesh_shape
+        return x[:, :n_r, :n_phi, :n_z]
+
+    def forward(self, x, c_noise, energy, phi, theta, geometry, drop_cond=None) -> torch.Tensor:
+        """x (B, R, P, Z) model space, c_noise = ln(sigma)/4 (B,), energy GeV (B,), phi/theta rad (B,),
+        geometry slots long (B,); drop_cond bool (B,) forces the unconditional branch (CFG)."""
+        tokens = self.patch_embed(x.to(self.dtype)) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder(c_noise) + self.embed_conditions(energy, phi, theta, geometry, drop_cond)  # (B, D)
+        # DiT applies SiLU inside every adaLN_modulation; doing it once here keeps adaLN_modulation a plain
+        # Linear (a valid LoRA target) with the same function.
+        c = F.silu(c)
+        for block in self.blocks:
+            tokens = block(tokens, c)  # (B, T, D)
+        return self.unpatchify(self.final_layer(tokens, c))  # (B, R, P, Z)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=torch.float32, strict=True, **kwargs):
+        """transformers' loader, but float32 unless a dtype is asked for and strict about tensor keys.
+
+        transformers 5 defaults to dtype="auto" (a bf16 checkpoint would load as bf16) and only logs
+        missing/unexpected keys; here any mismatch raises CheckpointMismatchError when strict.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, dtype=dtype, output_loading_info=True, **kwargs
+        )
+        problems = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys")}
+        problems["mismatched_keys"] = sorted(str(k) for k in info.get("mismatched_keys") or ())
+        problems = {k: v for k, v in problems.items() if v}
+        if strict and (problems or info.get("error_msgs")):
+            detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in problems.items()) or str(info["error_msgs"])
+            raise CheckpointMismatchError(f"{pretrained_model_name_or_path}: checkpoint does not match model: {detail}")
+        return (model, info) if want_info else model
