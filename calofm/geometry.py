@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from calofm.config import ConfigError, from_dict, load_yaml
+from calofm.config import ConfigError, from_dict, load_yaml, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,8 @@ def _resolve_materials(card: GeometryCard) -> dict[str, ResolvedMaterial]:
                 if getattr(m, key) <= 0:
                     raise GeometryError(f"material '{name}': {key} must be > 0")
             out = ResolvedMaterial(name, m.density, m.Z, m.A, m.X0, m.Ec, m.dedx)
+        if m.R_M is not None and m.R_M <= 0:
+            raise GeometryError(f"material '{name}': R_M must be > 0 mm")
         if m.R_M is not None and abs(out.R_M_mm / m.R_M - 1) > 0.1:
             raise GeometryError(
                 f"material '{name}': R_M {m.R_M} mm disagrees with E_s X0/Ec = {out.R_M_mm:.2f} mm (>10 %)"
@@ -259,6 +261,19 @@ def _section_physics(sec: Section, start: float, mats: dict[str, ResolvedMateria
     )
 
 
+def _first_non_finite(value, where: str) -> str | None:
+    """Path of the first NaN/inf number in plain card data, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((bad for w, v in items if (bad := _first_non_finite(v, w))), None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Geometry
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +288,10 @@ class Geometry:
 
     def __post_init__(self):
         c = self.card
+        # NaN passes every "<= 0" check below, so reject non-finite numbers first, wherever they are
+        bad = _first_non_finite(to_dict(c), "geometry")
+        if bad:
+            raise GeometryError(f"{bad}: must be a finite number")
         if not c.name.replace("_", "").isalnum() or c.name != c.name.lower():
             raise GeometryError(f"name '{c.name}': use lower-case letters, digits and '_'")
         if not 0 <= c.slot < N_SLOTS:
