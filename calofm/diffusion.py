@@ -1,0 +1,199 @@
+"""EDM (Karras et al. 2022, arXiv:2206.00364): preconditioning, training loss and ODE samplers.
+
+The network is the raw F of ``calofm.models`` (or any module with its signature); ``EDMPrecond``
+turns it into the denoiser D(x; sigma). Loss and samplers are pure functions of a denoiser, so the
+samplers also run on analytic denoisers (tests). Conditions travel as a dict ``cond`` of keyword
+arguments (energy GeV, phi, theta rad, geometry slot; all (B,)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+# EDM defaults, used when a denoiser does not carry its own constants (e.g. an analytic test denoiser).
+EDM_DEFAULTS = dict(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0, P_mean=-1.2, P_std=1.2)
+
+Denoiser = Callable[..., torch.Tensor]  # D(x, sigma (B,), **cond) -> same shape as x
+Callback = Callable[[int, int, torch.Tensor], None]  # (step index, number of steps, x after the step)
+
+
+def _edm_constant(obj: Any, name: str) -> float:
+    """``name`` from the denoiser, else from its ``config``, else the EDM default."""
+    for source in (obj, getattr(obj, "config", None)):
+        if source is not None and getattr(source, name, None) is not None:
+            return float(getattr(source, name))
+    return EDM_DEFAULTS[name]
+
+
+def _as_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """sigma (scalar or (B,)) -> (B, 1, ..., 1), broadcastable against x (B, ...), in x's dtype."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+    return sigma.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise = ln(sigma)/4, cond) (EDM Table 1).
+
+    Works in the dtype of x (float64 in the samplers); F runs in its own parameter dtype, or under
+    autocast, and its output is cast back.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float | None = None):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data if sigma_data is not None else _edm_constant(net, "sigma_data")
+        for name in ("sigma_min", "sigma_max", "rho", "P_mean", "P_std"):
+            setattr(self, name, _edm_constant(net, name))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
+        sigma = _as_batch(sigma, x)  # (B, 1, 1, 1)
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.log().flatten() / 4  # (B,)
+        net_dtype = next(self.net.parameters()).dtype
+        F_x = self.net((c_in * x).to(net_dtype), c_noise.float(), **cond)
+        return c_skip * x + c_out * F_x.to(x.dtype)
+
+
+def draw_sigma_noise(
+    x: torch.Tensor, generator: torch.Generator | None = None, P_mean: float = -1.2, P_std: float = 1.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training noise for batch x: ln sigma ~ N(P_mean, P_std^2) (B,) first, then noise ~ N(0, 1) like x.
+
+    Drawn on the generator's device and moved to x's, so a CPU generator reproduces on any device.
+    """
+    device = generator.device if generator is not None else x.device
+    rnd = torch.randn(x.shape[0], generator=generator, device=device, dtype=torch.float32)
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
+    sigma = (rnd * P_std + P_mean).exp()
+    return sigma.to(x.device), noise.to(device=x.device, dtype=x.dtype)
+
+
+def edm_loss(
+    precond: Denoiser,
+    x: torch.Tensor,
+    cond: Mapping[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    sigma: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample EDM loss (B,): lambda(sigma) * mean over cells of (D(x + sigma n; sigma) - x)^2.
+
+    lambda = (sigma^2 + sd^2) / (sigma sd)^2. Pass ``sigma`` (B,) and ``noise`` (like x) to fix the
+    draw exactly (e.g. identical across process counts); otherwise they come from ``generator``.
+    """
+    if sigma is None or noise is None:
+        s, n = draw_sigma_noise(x, generator, _edm_constant(precond, "P_mean"), _edm_constant(precond, "P_std"))
+        sigma = s if sigma is None else sigma
+        noise = n if noise is None else noise
+    sd = _edm_constant(precond, "sigma_data")
+    sigma = sigma.to(device=x.device, dtype=x.dtype).reshape(-1)
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # (B,)
+    denoised = precond(x + noise * _as_batch(sigma, x), sigma, **cond)
+    return weight * (denoised - x).square().flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def karras_sigmas(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, device=None
+) -> torch.Tensor:
+    """EDM time steps (n + 1,) float64: sigma_max ... sigma_min on a rho-warped grid (EDM Eq. 5), then 0."""
+    if n < 1:
+        raise ValueError(f"need at least 1 sampling step, got {n}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    ramp = i / (n - 1) if n > 1 else i  # n = 1: a single step from sigma_max
+    t = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+
+def _steps(denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor | None, num_steps: int) -> torch.Tensor:
+    if sigmas is None:
+        consts = [_edm_constant(denoiser, k) for k in ("sigma_min", "sigma_max", "rho")]
+        return karras_sigmas(num_steps, *consts, device=noise.device)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=noise.device)
+    if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
+        raise ValueError("sigmas must be a 1-D decreasing schedule ending in 0 (see karras_sigmas)")
+    return sigmas
+
+
+def _denoise(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+    return denoiser(x, t.expand(x.shape[0]), **cond).to(torch.float64)
+
+
+@torch.no_grad()
+def heun_sample(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    sigmas: torch.Tensor | None = None,
+    num_steps: int = 32,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """EDM Algorithm 2 (Heun, 2nd order): N steps cost 2N - 1 denoiser calls; s_churn = 0 is the ODE.
+
+    ``noise`` ~ N(0, I) of the output shape; the state is float64, the result has noise's dtype.
+    """
+    cond = cond or {}
+    t_steps = _steps(denoiser, noise, sigmas, num_steps)
+    n = len(t_steps) - 1
+    x_next = noise.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        # Algorithm 2 lines 4-6: optionally raise the noise level to t_hat (stochastic churn)
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= t_cur <= s_tmax else 0.0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur
+        if gamma > 0:
+            eps = torch.randn(x_cur.shape, generator=generator, device=generator.device if generator else x_cur.device)
+            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * s_noise * eps.to(x_cur)
+        # lines 7-8: Euler step
+        d_cur = (x_hat - _denoise(denoiser, x_hat, t_hat, cond)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # lines 9-11: second-order correction, except for the last step into sigma = 0
+        if i < n - 1:
+            d_prime = (x_next - _denoise(denoiser, x_next, t_next, cond)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if callback is not None:
+            callback(i, n, x_next)
+    return x_next.to(noise.dtype)
+
+
+@torch.no_grad()
+def euler_sample(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    sigmas: torch.Tensor | None = None,
+    num_steps: int = 32,
+    *,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """First-order Euler on the EDM probability-flow ODE: N steps, N denoiser calls (a baseline for Heun)."""
+    cond = cond or {}
+    t_steps = _steps(denoiser, noise, sigmas, num_steps)
+    n = len(t_steps) - 1
+    x_next = noise.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        d_cur = (x_next - _denoise(denoiser, x_next, t_cur, cond)) / t_cur
+        x_next = x_next + (t_next - t_cur) * d_cur
+        if callback is not None:
+            callback(i, n, x_next)
+    return x_next.to(noise.dtype)
