@@ -1,0 +1,102 @@
+"""ShowerPreprocessor: exact inverse, non-negative output, threshold cut, streamed fit, JSON state."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from calofm.models import CaloDiTConfig
+from calofm.preprocess import ShowerPreprocessor
+
+
+def showers(batch=6, seed=0, dtype=torch.float32):
+    """Sparse log-normal MeV showers (about 60 % empty cells) and incident energies 1 GeV - 1 TeV in MeV."""
+    g = torch.Generator().manual_seed(seed)
+    energy = 10 ** (3 + 3 * torch.rand(batch, generator=g, dtype=torch.float64))  # MeV
+    cells = torch.exp(torch.randn(batch, 9, 16, 45, generator=g, dtype=torch.float64) * 3 - 2)
+    cells = cells * (energy / 1e3).reshape(-1, 1, 1, 1)
+    cells[torch.rand(cells.shape, generator=g) < 0.6] = 0
+    return cells.to(dtype), energy.to(dtype)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "fraction"])
+def test_inverse_is_exact_above_threshold(mode):
+    x, energy = showers()
+    pre = ShowerPreprocessor(mode=mode, mean=-4.0, std=3.0)
+    y = pre.forward(x, energy)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    threshold = 5e-4
+    back = pre.inverse(y, energy, threshold=threshold)
+    hit = x >= threshold * (1 + 1e-4)
+    # y is float32: its rounding is relative in x + eps*u (u = 1 MeV or E_inc), the quantity the log sees
+    scale = x + pre.eps * (energy.reshape(-1, 1, 1, 1) if mode == "fraction" else 1.0)
+    assert ((back - x).abs() <= 1e-5 * scale)[hit].all()
+    assert (back[x == 0] == 0).all()
+    x64, e64 = showers(dtype=torch.float64)  # float64 in, float64 out: exact to double precision
+    torch.testing.assert_close(pre.inverse(pre.forward(x64, e64), e64), x64, rtol=1e-12, atol=1e-15)
+
+
+def test_output_is_non_negative_and_threshold_cut_per_sample():
+    pre = ShowerPreprocessor(mean=-5.0, std=2.0)
+    y = torch.randn(3, 9, 16, 45) * 3  # arbitrary model-space values, many below the eps floor
+    x = pre.inverse(y)
+    assert (x >= 0).all() and (x == 0).any()  # below log(eps) -> clamped, never negative
+    threshold = torch.tensor([0.0, 0.01, 1.0])  # MeV, one per sample
+    cut = pre.inverse(y, threshold=threshold)
+    for b in range(3):
+        kept = x[b] >= threshold[b]
+        assert torch.equal(cut[b][kept], x[b][kept]) and (cut[b][~kept] == 0).all()
+    assert (cut[2] < 1.0).logical_and(cut[2] > 0).sum() == 0
+
+
+def test_fraction_mode_needs_energy():
+    pre = ShowerPreprocessor(mode="fraction")
+    with pytest.raises(ValueError, match="incident energy"):
+        pre.forward(torch.zeros(1, 9, 16, 45))
+
+
+def test_negative_energies_rejected():
+    with pytest.raises(ValueError, match="non-negative"):
+        ShowerPreprocessor().forward(-torch.ones(1, 9, 16, 45))
+
+
+@pytest.mark.parametrize("mode", ["absolute", "fraction"])
+def test_streamed_fit_matches_full_data_and_standardises(mode):
+    parts = [showers(batch=b, seed=s) for b, s in ((5, 1), (1, 2), (7, 3))]  # uneven batches
+    pre = ShowerPreprocessor(mode=mode).fit({"showers": x, "energy": e} for x, e in parts)
+    every = torch.cat([ShowerPreprocessor(mode=mode).forward(x.double(), e.double()).flatten() for x, e in parts])
+    assert pre.count == every.numel()
+    assert pre.mean == pytest.approx(every.mean().item(), rel=1e-9)
+    assert pre.std == pytest.approx(every.std(correction=0).item(), rel=1e-9)
+    y = torch.cat([pre.forward(x, e).flatten() for x, e in parts]).double()
+    assert y.mean().item() == pytest.approx(0.0, abs=1e-5) and y.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert ShowerPreprocessor(mode=mode).fit(iter(parts)).mean == pytest.approx(pre.mean)  # (showers, energy) pairs
+
+
+def test_fit_needs_data():
+    with pytest.raises(ValueError, match="at least two"):
+        ShowerPreprocessor().fit([])
+
+
+def test_state_json_round_trip_and_lives_in_model_config(tmp_path):
+    x, energy = showers()
+    pre = ShowerPreprocessor().fit([(x, energy)])
+    state = json.loads(json.dumps(pre.state_dict()))
+    again = ShowerPreprocessor.from_dict(state)
+    assert again.state_dict() == pre.state_dict()
+    assert torch.equal(again.forward(x), pre.forward(x))
+    config = CaloDiTConfig(hidden_size=48, num_attention_heads=4, preprocessing=pre.state_dict())
+    config.save_pretrained(tmp_path)
+    loaded = ShowerPreprocessor.from_dict(CaloDiTConfig.from_pretrained(tmp_path).preprocessing)
+    assert loaded.state_dict() == pre.state_dict()
+    with pytest.raises(ValueError, match="unknown keys"):
+        ShowerPreprocessor.from_dict({**state, "scale": 2})
+    with pytest.raises(ValueError, match="version"):
+        ShowerPreprocessor.from_dict({**state, "version": 99})
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="logit"), dict(eps=0.0), dict(std=0.0), dict(mean=math.nan)])
+def test_invalid_parameters(kwargs):
+    with pytest.raises(ValueError):
+        ShowerPreprocessor(**kwargs)
