@@ -14,6 +14,7 @@ from the user. Every check here raises ``ShowerFileError`` with one line naming 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,22 @@ class FileAttrs:
         )
 
 
+@contextmanager
+def h5_errors(path: str | Path, what: str = "read"):
+    """Turn h5py's low-level errors on damaged files into a one-line ``ShowerFileError`` naming the file.
+
+    Corrupt metadata surfaces as OSError, KeyError, RuntimeError or ValueError from deep inside
+    h5py, none of which names the file (and the CLI does not catch RuntimeError).
+    """
+    try:
+        yield
+    except ShowerFileError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ShowerFileError(path, f"{what} failed, file truncated or corrupt? ({msg})") from None
+
+
 def open_h5(path: str | Path, mode: str = "r", **kwargs) -> h5py.File:
     """Open an HDF5 file, turning OS/HDF5 errors into one-line ``ShowerFileError``s."""
     path = Path(path)
@@ -161,7 +178,8 @@ def check_values(
             raise ShowerFileError(path, f"'showers' holds negative energies (first in shower {first_bad(showers < 0)})")
     if energy is not None:
         if not np.isfinite(energy).all():
-            raise ShowerFileError(path, f"'incident_energy' holds NaN/Inf (first at row {first_bad(~np.isfinite(energy))})")
+            row = first_bad(~np.isfinite(energy))
+            raise ShowerFileError(path, f"'incident_energy' holds NaN/Inf (first at row {row})")
         if (energy <= 0).any():
             raise ShowerFileError(path, f"'incident_energy' must be > 0 MeV (row {first_bad(energy <= 0)})")
     for key, values, lo, hi in ((PHI, phi, -math.pi, 2 * math.pi), (THETA, theta, 0.0, math.pi)):

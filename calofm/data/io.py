@@ -28,6 +28,7 @@ from calofm.data.format import (
     check_geometry,
     check_structure,
     check_values,
+    h5_errors,
     open_h5,
 )
 from calofm.geometry import MESH_SHAPE
@@ -102,12 +103,18 @@ class ShowerWriter:
         """Continue a partial file whose attributes match this run; False if it cannot be used."""
         try:
             f = open_h5(self.tmp, "r+")
-            check_structure(f, self.tmp)
         except ShowerFileError as err:
             log.warning("cannot resume %s (%s); starting again", self.tmp, err.problem)
             return False
-        old = FileAttrs.from_h5(f.attrs)
-        for name in ("geometry", "particle", "energy_scale", "generator", "seed"):
+        try:
+            with h5_errors(self.tmp):
+                check_structure(f, self.tmp)
+                old = FileAttrs.from_h5(f.attrs)
+        except ShowerFileError as err:
+            f.close()
+            log.warning("cannot resume %s (%s); starting again", self.tmp, err.problem)
+            return False
+        for name in ("geometry", "particle", "energy_scale", "mesh_dr", "mesh_dz", "generator", "seed"):
             if getattr(old, name) != getattr(self.attrs, name):
                 log.warning("cannot resume %s: %s differs (%r vs %r); starting again",
                             self.tmp, name, getattr(old, name), getattr(self.attrs, name))
@@ -186,8 +193,9 @@ class ShowerFile:
         self.path = Path(path)
         self._h5 = open_h5(self.path, "r", rdcc_nbytes=cache_mb * 2**20, rdcc_nslots=10007)
         try:
-            self.n = check_structure(self._h5, self.path)
-            self.attrs = FileAttrs.from_h5(self._h5.attrs)
+            with h5_errors(self.path):
+                self.n = check_structure(self._h5, self.path)
+                self.attrs = FileAttrs.from_h5(self._h5.attrs)
             check_geometry(self.path, self.attrs, geometry)
         except ShowerFileError:
             self._h5.close()
@@ -202,7 +210,8 @@ class ShowerFile:
     def conditions(self) -> dict[str, np.ndarray]:
         """All incident energies (MeV) and angles (rad): small, read once and kept."""
         if self._conditions is None:
-            cond = {k: self._h5[k][:].astype(np.float32) for k in CONDITION_KEYS}
+            with h5_errors(self.path):
+                cond = {k: self._h5[k][:].astype(np.float32) for k in CONDITION_KEYS}
             if self.check:
                 check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
             self._conditions = cond
@@ -223,13 +232,11 @@ class ShowerFile:
         # contiguous runs -> one slice read each (h5py fancy indexing is row by row)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         pos = 0
-        try:
+        with h5_errors(self.path):
             for run in np.split(uniq, breaks):
                 if run.size:
                     showers[pos : pos + run.size] = self._h5[SHOWERS][run[0] : run[-1] + 1]
                     pos += run.size
-        except OSError as err:
-            raise ShowerFileError(self.path, f"read failed, file truncated or corrupt? ({err})") from None
         out = np.empty((len(index), *MESH_SHAPE), dtype=np.float32)
         out[order] = showers[inverse]
         if self.check:
