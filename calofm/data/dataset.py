@@ -101,13 +101,17 @@ class StepBatchSampler(Sampler[list[int]]):
         world: int = 1,
         run: int = 16,
     ):
+        if min(batch_size, run, world) < 1:
+            raise ValueError(f"batch_size, run and world must be >= 1, got {batch_size}, {run}, {world}")
+        if not 0 <= rank < world:  # otherwise this process would silently get empty batches
+            raise ValueError(f"rank {rank} outside [0, {world})")
         if batch_size % world:
             raise ValueError(f"global batch size {batch_size} is not divisible by {world} processes")
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         w = np.asarray(weights if weights is not None else self.sizes, dtype=np.float64)
-        if len(w) != len(self.sizes) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"mixing weights {list(w)} must be >= 0, one per file, not all zero")
+        if len(w) != len(self.sizes) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixing weights {w.tolist()} must be finite, >= 0, one per file, not all zero")
         self.p = w / w.sum()
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.start_step, self.rank, self.world, self.run = start_step, rank, world, run
