@@ -120,9 +120,11 @@ def native_to_calochallenge(
     with ShowerFile(src) as r, open_h5(tmp, "w") as f:
         if r.attrs.energy_scale == "visible" and scale == 1.0:
             log.warning("%s holds visible energy; CaloChallenge files are sampling-corrected (use --scale)", src)
+        # maxshape: an empty file (n = 0) still gets valid chunk shapes
         ds = f.create_dataset("showers", (r.n, voxels), dtype="f4", chunks=(min(max(r.n, 1), 100), voxels),
-                              compression="gzip")
-        de = f.create_dataset("incident_energies", (r.n, 1), dtype="f4", compression="gzip")
+                              maxshape=(None, voxels), compression="gzip")
+        de = f.create_dataset("incident_energies", (r.n, 1), dtype="f4", chunks=(min(max(r.n, 1), 4096), 1),
+                              maxshape=(None, 1), compression="gzip")
         for start, batch in r.iter_chunks(rows=chunk, progress=progress, desc=f"export {Path(src).name}"):
             showers = batch[SHOWERS] * np.float32(scale)
             if dataset == 3:
@@ -171,8 +173,11 @@ def native_to_parquet(src: str | Path, dst: str | Path, shard_rows: int = 10_000
                 ENERGY: pa.array(batch[ENERGY]), PHI: pa.array(batch[PHI]), THETA: pa.array(batch[THETA]),
             })
             Dataset(table).cast(features).to_parquet(str(tmp / f"data-{k:05d}-of-{n_shards:05d}.parquet"))
+        if r.n == 0:  # one empty shard keeps the schema, so the folder reads back as 0 rows
+            Dataset.from_dict({k: [] for k in features}, features=features).to_parquet(
+                str(tmp / "data-00000-of-00001.parquet"))
         meta = {k: v for k, v in vars(r.attrs).items() if k != "extra"}
-        meta["extra"] = {k: str(v) for k, v in r.attrs.extra.items()}
+        meta["extra"] = {k: _json_value(v) for k, v in r.attrs.extra.items()}
         meta["rows"] = r.n
         (tmp / "calofm.json").write_text(json.dumps(meta, indent=1, default=str))
     if dst.exists():
@@ -181,6 +186,15 @@ def native_to_parquet(src: str | Path, dst: str | Path, shard_rows: int = 10_000
         shutil.rmtree(dst)
     tmp.rename(dst)
     return dst
+
+
+def _json_value(value):
+    """numpy attribute values as plain JSON data (they come back as the same h5 attributes)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value if isinstance(value, str | int | float | bool | list) or value is None else str(value)
 
 
 def parquet_files(src: str | Path) -> list[Path]:
@@ -203,6 +217,7 @@ def parquet_to_native(src: str | Path, dst: str | Path, geometry: str | None = N
         geometry=geometry or meta.get("geometry"), particle=meta.get("particle"),
         energy_scale=meta.get("energy_scale") or "visible", mesh_dr=meta.get("mesh_dr"),
         mesh_dz=meta.get("mesh_dz"), generator=meta.get("generator"), seed=meta.get("seed"),
+        extra=meta.get("extra") or {},
     )
     with ShowerWriter(dst, attrs=attrs) as w:
         for path in tqdm(parquet_files(src), disable=not progress, desc="parquet shards"):
