@@ -223,7 +223,12 @@ def _set(data: dict, path: str, value) -> None:
         node[last] = value
 
 
-_DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:  # a stable test id (pytest-xdist workers must collect the same ids)
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 
 INVALID = [
     ("colour", "red", r"geometry: unknown key\(s\) \['colour'\]"),
