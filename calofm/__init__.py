@@ -4,3 +4,12 @@ Data -> geometry -> simulator -> model -> diffusion -> training -> sampling -> e
 """
 
 __version__ = "0.1.0"
+
+
+def load(path_or_repo, device=None, dtype=None):
+    """A trained model (folder, LoRA adapter folder or Hub repo id) ready to ``sample``; see calofm.generate."""
+    import torch
+
+    from calofm.generate import load as _load
+
+    return _load(path_or_repo, device=device, dtype=dtype or torch.float32)

@@ -23,9 +23,13 @@ from calofm.geometry import Geometry, load_geometry
 
 @dataclass(frozen=True)
 class Source:
+    """A file (or its rows ``[start, stop)``, e.g. a train/validation split) and its geometry."""
+
     path: Path
     geometry: Geometry
     weight: float = 1.0
+    start: int = 0
+    stop: int | None = None
 
 
 class ShowerDataset(Dataset):
@@ -40,15 +44,27 @@ class ShowerDataset(Dataset):
         if not self.sources:
             raise ValueError("ShowerDataset needs at least one file")
         self.files = [ShowerFile(s.path, geometry=s.geometry, check=check) for s in self.sources]
-        sizes = np.array([len(f) for f in self.files], dtype=np.int64)
-        for src, size in zip(self.sources, sizes):
-            if size == 0:
-                raise ValueError(f"{src.path}: holds no showers")
+        self.starts = np.array([s.start for s in self.sources], dtype=np.int64)
+        sizes = []
+        for src, f in zip(self.sources, self.files):
+            stop = len(f) if src.stop is None else src.stop
+            if not 0 <= src.start < stop <= len(f):
+                raise ValueError(f"{src.path}: rows [{src.start}, {stop}) are empty or outside its {len(f)} showers")
+            sizes.append(stop - src.start)
+        sizes = np.array(sizes, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.slots = np.array([s.geometry.slot for s in self.sources], dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources]
 
     @property
     def geometries(self) -> list[Geometry]:
@@ -65,7 +81,7 @@ class ShowerDataset(Dataset):
         cond = {k: np.empty(len(index), dtype=np.float32) for k in (ENERGY, PHI, THETA)}
         for fi in np.unique(which):
             sel = np.flatnonzero(which == fi)
-            part = self.files[fi].read(index[sel] - self.offsets[fi])
+            part = self.files[fi].read(index[sel] - self.offsets[fi] + self.starts[fi])
             showers[sel] = part[SHOWERS]
             for k in cond:
                 cond[k][sel] = part[k]

@@ -1,0 +1,103 @@
+"""Training data for a run: files or cached simulations per geometry, validation splits, preprocessing stats."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calofm.data.dataset import ShowerDataset, Source
+from calofm.data.io import ShowerFile
+from calofm.geometry import Geometry, load_geometry
+from calofm.preprocess import ShowerPreprocessor
+from calofm.sim.cache import simulated_file
+from calofm.training.config import DataConfig, SourceConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    train: ShowerDataset  # every training source, each labelled with its geometry slot
+    val: dict[str, ShowerDataset]  # geometry name -> its validation showers
+    geometries: dict[str, Geometry]
+
+
+def _split_files(src: SourceConfig, geometry: Geometry) -> tuple[list[Source], list[Source]]:
+    """User files: the last ``val_samples`` rows of the last file are held out for validation."""
+    paths = [Path(p).expanduser() for p in src.files]
+    sizes = []
+    for p in paths:
+        with ShowerFile(p, geometry=geometry, check=False) as f:
+            sizes.append(len(f))
+    train = [Source(p, geometry, src.weight) for p in paths]
+    if src.val_samples <= 0:
+        return train, []
+    last, n_last = paths[-1], sizes[-1]
+    if n_last <= src.val_samples:
+        raise ValueError(f"{last}: {n_last} showers cannot spare val_samples={src.val_samples} for validation")
+    train[-1] = Source(last, geometry, src.weight, start=0, stop=n_last - src.val_samples)
+    return train, [Source(last, geometry, src.weight, start=n_last - src.val_samples)]
+
+
+def prepare_data(cfg: DataConfig, extra_geometry_dirs=None, progress: bool = True) -> RunData:
+    """Resolve every source to files (simulating into the cache on first use) and build the datasets.
+
+    Call it on the main process first (``accelerator.main_process_first()``) so only one process simulates.
+    """
+    train, val, geos = [], {}, {}
+    for src in cfg.sources:
+        geometry = load_geometry(src.geometry, extra_geometry_dirs)
+        if geometry.name in geos:
+            raise ValueError(f"geometry '{geometry.name}' is listed twice in data.sources")
+        geos[geometry.name] = geometry
+        if src.weight <= 0:
+            raise ValueError(f"data source {geometry.name}: weight must be > 0")
+        if src.files:
+            tr, va = _split_files(src, geometry)
+        else:
+            sim = dict(cache=cfg.cache_dir, energy=src.energy, spectrum=src.spectrum, progress=progress)
+            tr = [Source(simulated_file(geometry, src.samples, seed=cfg.seed, **sim), geometry, src.weight)]
+            va = []
+            if src.val_samples > 0:
+                path = simulated_file(geometry, src.val_samples, seed=cfg.seed + 1000, **sim)
+                va = [Source(path, geometry, src.weight)]
+        train += tr
+        if va:
+            val[geometry.name] = ShowerDataset(va)
+    return RunData(train=ShowerDataset(train), val=val, geometries=geos)
+
+
+def fit_preprocessor(data: ShowerDataset, samples_per_file: int, batch: int = 500) -> ShowerPreprocessor:
+    """Fit the model-space statistics on the first ``samples_per_file`` showers of every source.
+
+    Deterministic (fixed rows), so every process of a multi-process run computes the same numbers.
+    """
+
+    def batches():
+        for k, size in enumerate(data.sizes):
+            offset = int(data.offsets[k])
+            n = min(int(size), samples_per_file)
+            for start in range(0, n, batch):
+                rows = np.arange(offset + start, offset + min(start + batch, n))
+                b = data.__getitems__(rows)
+                yield {"showers": b["showers"], "energy": b["energy"]}
+
+    pre = ShowerPreprocessor().fit(batches())
+    log.info("preprocessing fitted: %s", pre)
+    return pre
+
+
+def model_inputs(batch: dict[str, torch.Tensor], pre: ShowerPreprocessor, device) -> tuple[torch.Tensor, dict]:
+    """Batch from the loader -> (x in model space, conditions for the network), on ``device``."""
+    x = pre.forward(batch["showers"].to(device), batch["energy"].to(device))
+    cond = {
+        "energy": batch["energy"].to(device) / 1e3,  # GeV
+        "phi": batch["phi"].to(device),
+        "theta": batch["theta"].to(device),
+        "geometry": batch["geometry"].to(device),
+    }
+    return x, cond

@@ -1,0 +1,228 @@
+"""The one training loop (pretraining and adaptation), in Accelerate's canonical shape.
+
+Exactness: the rows of every global batch (``StepBatchSampler``), the EDM noise, sigma and condition
+dropout of every micro-step are drawn from generators keyed by ``(seed, micro-step)`` and sliced per
+process. So W processes see exactly the global batch one process sees, and a resumed run continues
+the same loss curve (model, optimiser, scheduler, EMA and step are restored by ``load_state``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from calofm.config import to_dict
+from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
+from calofm.diffusion import EDMPrecond, draw_sigma_noise, edm_loss
+from calofm.ema import EMA
+from calofm.preprocess import ShowerPreprocessor
+from calofm.training.config import TrainConfig
+from calofm.training.data import RunData, model_inputs, prepare_data
+from calofm.training.tracking import trackers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """What differs between pretraining and adaptation: how the network is built and what is saved."""
+
+    build: Callable[[RunData], tuple[nn.Module, ShowerPreprocessor]]  # -> raw network F, preprocessing
+    save: Callable[[nn.Module, Path], None]  # (network with EMA weights, output dir)
+
+
+class TrainState:
+    """The step counter, checkpointed with the rest by ``save_state``."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (nanoGPT): biases, norms and embeddings' 1-D tensors are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def micro_noise(x_shape, seed: int, micro: int, rank: int, world: int, precond, drop_p: float, device):
+    """sigma, noise and condition-dropout mask of this process's slice of global micro-batch ``micro``."""
+    global_b, per = x_shape[0] * world, x_shape[0]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + micro)
+    proto = torch.empty(global_b, *x_shape[1:])
+    sigma, noise = draw_sigma_noise(proto, gen, precond.P_mean, precond.P_std)
+    drop = torch.rand(global_b, generator=gen) < drop_p
+    sl = slice(rank * per, (rank + 1) * per)
+    return sigma[sl].to(device), noise[sl].to(device), drop[sl].to(device)
+
+
+@torch.no_grad()
+def validate(net: nn.Module, pre: ShowerPreprocessor, data: RunData, acc: Accelerator, batch: int = 128) -> dict:
+    """EDM loss per geometry on fixed noise; batches are shared out over processes."""
+    precond = EDMPrecond(net).eval()
+    out = {}
+    for name, ds in data.val.items():
+        total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+        for k, b in enumerate(sequential_batches(ds, batch)):
+            if k % acc.num_processes != acc.process_index:
+                continue
+            x, cond = model_inputs(b, pre, acc.device)
+            gen = torch.Generator().manual_seed(10_000 + k)
+            sigma, noise = draw_sigma_noise(x.cpu(), gen, precond.P_mean, precond.P_std)
+            loss = edm_loss(precond, x, cond, sigma=sigma.to(acc.device), noise=noise.to(acc.device))
+            total += torch.stack([loss.double().sum(), torch.tensor(float(len(loss)), device=acc.device)])
+        total = acc.reduce(total, reduction="sum")
+        out[f"val/{name}"] = float(total[0] / total[1])
+    return out
+
+
+def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None) -> Path | None:
+    """Run (or resume) training; returns the folder of the final EMA model (None when stopped at ``stop_at``)."""
+    out = Path(cfg.output_dir)
+    acc = accelerator or Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=trackers(out, cfg.tensorboard),
+        project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=True,
+                                            total_limit=cfg.keep_checkpoints),
+    )
+    set_seed(cfg.seed)
+    with acc.main_process_first():
+        data = prepare_data(cfg.data, progress=acc.is_local_main_process)
+    net, pre = setup.build(data)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(net, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    # not prepared: a prepared scheduler steps once per process per optimiser step
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ema, state = EMA(net, cfg.ema_decay), TrainState()
+    precond = EDMPrecond(net)
+    model, opt = acc.prepare(net, opt)
+    precond.net = model  # the prepared (DDP) module syncs gradients
+    acc.register_for_checkpointing(sched, ema, state)
+    ckpts = out / "checkpoints"
+    if cfg.resume and ckpts.is_dir() and any(ckpts.iterdir()):
+        acc.load_state()
+        acc.project_configuration.iteration = max(int(p.name.rsplit("_", 1)[1]) for p in ckpts.iterdir()) + 1
+        acc.print(f"resumed from {ckpts} at step {state.step}")
+    ema.to(acc.device)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    acc.init_trackers("calofm", config={"world": acc.num_processes, **_flat(to_dict(cfg))})
+
+    micro_batch = cfg.batch_size // cfg.grad_accum  # global size of one micro-batch
+    sampler = StepBatchSampler(data.train.sizes, micro_batch, cfg.steps * cfg.grad_accum, seed=cfg.seed,
+                               weights=data.train.weights, start_step=state.step * cfg.grad_accum,
+                               rank=acc.process_index, world=acc.num_processes)
+    loader = make_loader(data.train, sampler, num_workers=cfg.data.num_workers)
+    drop_p = float(getattr(acc.unwrap_model(model).config, "cond_dropout", 0.0) or 0.0)
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
+    if state.step == 0:
+        acc.log(validate(_ema_copy(acc, model, ema), pre, data, acc), step=0)
+    model.train()
+    micro = state.step * cfg.grad_accum
+    t_wait, t_last = 0.0, time.perf_counter()
+    batches = iter(loader)
+    while state.step < cfg.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t_wait += time.perf_counter() - t0
+        x, cond = model_inputs(batch, pre, acc.device)
+        sigma, noise, drop = micro_noise(x.shape, cfg.seed, micro, acc.process_index, acc.num_processes,
+                                         precond, drop_p, acc.device)
+        if drop_p > 0:
+            cond["drop_cond"] = drop
+        with acc.accumulate(model):
+            with acc.autocast():
+                loss = edm_loss(precond, x, cond, sigma=sigma, noise=noise).mean()
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip) if acc.sync_gradients else None
+            opt.step()
+            opt.zero_grad()
+        micro += 1
+        if not acc.sync_gradients:
+            continue
+        sched.step()
+        ema.update(acc.unwrap_model(model))
+        state.step += 1
+        bar.update(1)
+        loss_avg = acc.gather(loss.detach()[None]).mean().item()
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            now = time.perf_counter()
+            elapsed = now - t_last
+            record = {"loss": loss_avg, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "samples_per_s": cfg.batch_size * cfg.log_every / elapsed, "data_wait": t_wait / elapsed}
+            acc.log(record, step=state.step)
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            t_wait, t_last = 0.0, now
+        if state.step % cfg.val_every == 0 or state.step == cfg.steps:
+            acc.log(validate(_ema_copy(acc, model, ema), pre, data, acc), step=state.step)
+        if state.step == cfg.stop_at and state.step < cfg.steps:
+            acc.save_state()
+            acc.print(f"stopping at step {state.step} as asked (stop_at); run again to resume")
+            bar.close()
+            acc.end_training()
+            return None
+        if state.step % cfg.save_every == 0 and state.step < cfg.steps:
+            acc.save_state()
+    bar.close()
+    final = out / "model"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        setup.save(_ema_copy(acc, model, ema), final)
+        acc.print(f"saved {final}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return final
+
+
+def _ema_copy(acc: Accelerator, model: nn.Module, ema: EMA) -> nn.Module:
+    """A detached copy of the network holding the EMA weights (the training weights stay untouched)."""
+    import copy
+
+    net = copy.deepcopy(acc.unwrap_model(model))
+    ema.copy_to(net)
+    return net.eval()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> flat {a.b: value} of scalars (TensorBoard hparams accept no lists or dicts)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
