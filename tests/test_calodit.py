@@ -234,6 +234,7 @@ def test_presets_and_parameter_counts():
         (dict(sigma_min=100.0), "EDM constants"),
         (dict(geometry_slots={"a": 0, "b": 0}), "distinct"),
         (dict(geometry_slots={"a": 0}, geometry_thresholds={"b": 0.1}), "not in geometry_slots"),
+        (dict(hiden_size=96), "unknown key"),
     ],
 )
 def test_config_validation(bad, match):

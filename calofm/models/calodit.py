@@ -39,6 +39,9 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's tensors do not match the model exactly (missing, unexpected or reshaped keys)."""
 
 
+_BASE_KWARGS = {"model_type", "name_or_path", "torch_dtype", "attn_implementation", "output_attentions"}
+
+
 class CaloDiTConfig(PreTrainedConfig):
     """Architecture, EDM constants and the data description a CaloDiT checkpoint carries with it."""
 
@@ -66,6 +69,11 @@ class CaloDiTConfig(PreTrainedConfig):
     geometry_thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
+        # Extra kwargs would silently become attributes (a typo like hiden_size=... gives the default size);
+        # allow only the bookkeeping keys transformers itself passes and consumes.
+        unknown = sorted(k for k in kwargs if k not in _BASE_KWARGS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"CaloDiTConfig: unknown key(s) {unknown}")
         # config.json stores tuples as lists
         self.mesh_shape = tuple(self.mesh_shape)
         self.patch_size = tuple(self.patch_size)
