@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from calofm.geometry import GEOMETRY_ENV, MESH_SHAPE
+
+# `make test` runs two pytest-xdist workers on two cores: one intra-op thread each. Tiny models gain
+# nothing from more, and oversubscribed OpenMP barriers stall (a tiny training test took 70 s with
+# 2 threads per worker vs 2 s with 1 on a busy machine). Subprocesses inherit OMP_NUM_THREADS.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -22,16 +22,6 @@ from calofm.models.calodit import ZeroLinear, pad_mesh
 B = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers stall
-    (the training test took 70 s with 2 threads vs 2 s with 1 while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inputs(seed=0, batch=B):
     g = torch.Generator().manual_seed(seed)
     return dict(

@@ -12,16 +12,6 @@ MU, S = 1.5, 0.3  # data ~ N(MU, S^2) independently per voxel
 SIGMA_MAX = 80.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers stall
-    (the training test took 70 s with 2 threads vs 2 s with 1 while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianDenoiser:
     """Exact D(x; sigma) = (S^2 x + sigma^2 MU) / (S^2 + sigma^2) for N(MU, S^2) data; counts its calls."""
 
