@@ -1,0 +1,223 @@
+"""The evaluation suite: load a reference/generated pair, check conditions, compute every metric.
+
+``compare_samples`` works on in-memory samples; ``evaluate`` reads files (one pair per geometry),
+adds the Geant4-vs-Geant4-like noise floor from two halves of the reference, and writes the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from calofm.evaluation import features as F
+from calofm.evaluation.classifier import ClassifierConfig, classifier_test, default_config
+from calofm.evaluation.fpd import fpd, kpd
+from calofm.evaluation.histograms import compare_histograms, voxel_histograms
+from calofm.geometry import Geometry, load_geometry
+
+log = logging.getLogger(__name__)
+
+ALL_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd")
+COND_RTOL = 1e-5  # float32 round-off of stored conditions
+
+
+@dataclass
+class EvalOptions:
+    """Everything that changes a number in the report (recorded in metrics.json)."""
+
+    metrics: tuple[str, ...] = ALL_METRICS
+    threshold: float | None = None  # MeV; None: the geometry card's readout threshold
+    energy_ranges: tuple[tuple[float, float], ...] = F.ENERGY_RANGES  # GeV
+    min_range_showers: int = 100  # energy ranges with fewer reference showers are skipped
+    noise_floor: bool = True
+    classifier: ClassifierConfig | None = None  # None: full recipe on GPU, CPU recipe otherwise
+    fpd_samples: tuple[int, int] = (10_000, 50_000)  # CaloChallenge: min_samples=10000, JetNet max 50000
+    kpd_batch: int = 10_000  # CaloChallenge: batch_size=10000
+    max_showers: int | None = None  # use only the first N showers of each file
+    plots: bool = True
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(ALL_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}")
+
+
+@dataclass
+class Comparison:
+    """Results (JSON-ready) of one reference/generated comparison plus what the plots need."""
+
+    results: dict
+    ref: dict[str, np.ndarray] = field(repr=False)
+    gen: dict[str, np.ndarray] = field(repr=False)
+    hists: dict = field(default_factory=dict, repr=False)
+
+
+def check_conditions(ref: dict, gen: dict, ref_name: str = "reference", gen_name: str = "generated") -> None:
+    """The generated sample must hold the reference's incident energies and angles, in the same order."""
+    hint = f"generate with `calofm generate --like {ref_name}`"
+    if len(ref["incident_energy"]) != len(gen["incident_energy"]):
+        raise ValueError(f"{gen_name} has {len(gen['incident_energy'])} showers, {ref_name} has "
+                         f"{len(ref['incident_energy'])}; the conditions must match: {hint}")
+    for key, unit in (("incident_energy", "MeV"), ("incident_phi", "rad"), ("incident_theta", "rad")):
+        a, b = np.asarray(ref[key], np.float64), np.asarray(gen[key], np.float64)
+        bad = ~np.isclose(a, b, rtol=COND_RTOL, atol=1e-6)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{gen_name}: {key} differs from {ref_name} at row {i} ({b[i]:.6g} vs {a[i]:.6g} "
+                             f"{unit}; {int(bad.sum())} rows differ): {hint}")
+
+
+def _classifier_config(options: EvalOptions) -> ClassifierConfig:
+    if options.classifier is not None:
+        return options.classifier
+    return replace(default_config(), seed=options.seed)
+
+
+def compare_samples(ref: dict, gen: dict, geometry: Geometry, options: EvalOptions | None = None) -> Comparison:
+    """All selected metrics for two in-memory samples (dicts like ``read_showers``), thresholds applied here."""
+    options = options or EvalOptions()
+    thr = geometry.card.threshold if options.threshold is None else options.threshold
+    ref_s = F.apply_threshold(ref["showers"], thr)
+    gen_s = F.apply_threshold(gen["showers"], thr)
+    fr = F.shower_features(ref_s, ref["incident_energy"], geometry)
+    fg = F.shower_features(gen_s, gen["incident_energy"], geometry)
+    res: dict = {"n_reference": len(ref_s), "n_generated": len(gen_s), "threshold_MeV": thr}
+    out = Comparison(res, fr, fg)
+    if "hist" in options.metrics:
+        scores, out.hists = compare_histograms(fr, fg, geometry, thr)
+        scores["voxel_spectrum"], out.hists["voxel_spectrum"] = voxel_histograms(ref_s, gen_s, thr)
+        res["hist"] = scores
+        res["energy_ranges"] = _per_range(fr, fg, geometry, thr, options)
+    need_high = {"cls-high", "fpd", "kpd"} & set(options.metrics)
+    high_r = F.high_level_vector(fr) if need_high else None
+    high_g = F.high_level_vector(fg) if need_high else None
+    if "fpd" in options.metrics:
+        log.info("FPD on %d x %d high-level features", *high_r.shape)
+        value, err = fpd(high_r, high_g, *options.fpd_samples, progress=options.progress)
+        res["fpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3}
+    if "kpd" in options.metrics:
+        value, err = kpd(high_r, high_g, batch_size=options.kpd_batch, progress=options.progress)
+        res["kpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3}
+    cfg = _classifier_config(options)
+    if "cls-high" in options.metrics:
+        log.info("classifier on high-level features (%d inputs)", high_r.shape[1])
+        res["cls-high"] = classifier_test(high_r, high_g, cfg, progress=options.progress)
+    if "cls-low" in options.metrics:
+        scale = float(np.median(fr["e_ratio"])) or 1.0  # visible fraction: voxels/E_inc on the CaloChallenge scale
+        low_r = F.low_level_vector(ref_s, ref["incident_energy"], scale)
+        low_g = F.low_level_vector(gen_s, gen["incident_energy"], scale)
+        log.info("classifier on low-level features (%d inputs)", low_r.shape[1])
+        res["cls-low"] = classifier_test(low_r, low_g, cfg, progress=options.progress)
+        res["cls-low"]["voxel_scale"] = scale
+    return out
+
+
+def _per_range(fr: dict, fg: dict, geometry: Geometry, thr: float, options: EvalOptions) -> dict:
+    """Histogram scores and mean features per incident-energy range (only if the file spans several)."""
+    mr = F.energy_masks(fr["e_inc"], options.energy_ranges, options.min_range_showers)
+    mg = F.energy_masks(fg["e_inc"], options.energy_ranges, 1)
+    out = {}
+    if len(mr) < 2:
+        return out
+    for label, mask in mr.items():
+        if label not in mg:
+            continue
+        r, g = F.select(fr, mask), F.select(fg, mg[label])
+        scores, _ = compare_histograms(r, g, geometry, thr)
+        for value in scores.values():
+            value.pop("per_layer", None)
+        out[label] = {"n_reference": int(mask.sum()), "n_generated": int(mg[label].sum()), "hist": scores,
+                      "mean_reference": F.mean_features(r), "mean_generated": F.mean_features(g)}
+    return out
+
+
+def split_halves(sample: dict, seed: int) -> tuple[dict, dict]:
+    """Two disjoint random halves of a sample (same size): the reference-vs-reference noise floor."""
+    n = len(sample["incident_energy"])
+    idx = np.random.default_rng(seed).permutation(n)
+    a, b = np.sort(idx[: n // 2]), np.sort(idx[n // 2 : 2 * (n // 2)])
+    return {k: v[a] for k, v in sample.items()}, {k: v[b] for k, v in sample.items()}
+
+
+def load_sample(path: str | Path, geometry: Geometry | None, max_showers: int | None) -> tuple[dict, str | None]:
+    """Read a shower file (optionally its first ``max_showers``); returns the sample and its recorded geometry."""
+    from calofm.data.io import ShowerFile
+
+    with ShowerFile(path, geometry=geometry) as f:
+        n = len(f) if max_showers is None else min(max_showers, len(f))
+        log.info("reading %d showers from %s", n, path)
+        sample = f.read(slice(0, n))
+        return sample, f.attrs.geometry
+
+
+def resolve_geometry(name: str | Geometry | None, recorded: list[str | None], paths: list, extra_dirs=None) -> Geometry:
+    """The geometry asked for, else the one recorded in the files (which must agree)."""
+    if name is not None:
+        return load_geometry(name, extra_dirs)
+    names = {r for r in recorded if r}
+    if len(names) > 1:
+        raise ValueError(f"{paths[0]} and {paths[1]} record different geometries {sorted(names)}")
+    if not names:
+        raise ValueError(f"{paths[0]}: no geometry recorded in the file; pass --geometry NAME")
+    return load_geometry(names.pop(), extra_dirs)
+
+
+def evaluate_pair(reference, generated, geometry=None, options: EvalOptions | None = None, extra_dirs=None):
+    """Read, check and compare one reference/generated pair; returns (Comparison, noise floor or None, geometry)."""
+    options = options or EvalOptions()
+    geo = load_geometry(geometry, extra_dirs) if geometry is not None else None
+    ref, ref_geo = load_sample(reference, geo, options.max_showers)
+    gen, gen_geo = load_sample(generated, geo, options.max_showers)
+    geo = geo or resolve_geometry(None, [ref_geo, gen_geo], [reference, generated], extra_dirs)
+    check_conditions(ref, gen, str(reference), str(generated))
+    log.info("%s: comparing %s with %s", geo.name, generated, reference)
+    comp = compare_samples(ref, gen, geo, options)
+    floor = None
+    if options.noise_floor:
+        log.info("%s: noise floor from two halves of %s", geo.name, reference)
+        half_a, half_b = split_halves(ref, options.seed + 1)
+        floor = compare_samples(half_a, half_b, geo, options)
+    return comp, floor, geo
+
+
+def evaluate(
+    reference,
+    generated,
+    out_dir: str | Path,
+    metrics: tuple[str, ...] | list[str] | None = None,
+    threshold: float | None = None,
+    geometry=None,
+    options: EvalOptions | None = None,
+    extra_dirs=None,
+) -> dict:
+    """Evaluate generated against reference files and write metrics.json, plots and report.md to ``out_dir``.
+
+    ``reference``/``generated`` are paths or equal-length lists of paths (one pair per geometry);
+    ``geometry`` a name, a list of names (one per pair) or None (recorded in the files). Returns metrics.json.
+    """
+    from calofm.evaluation.report import write_report
+
+    refs = [reference] if isinstance(reference, (str, Path)) else list(reference)
+    gens = [generated] if isinstance(generated, (str, Path)) else list(generated)
+    if len(refs) != len(gens) or not refs:
+        raise ValueError(f"need one generated file per reference file, got {len(refs)} and {len(gens)}")
+    geos = geometry if isinstance(geometry, (list, tuple)) else [geometry] * len(refs)
+    if len(geos) != len(refs):
+        raise ValueError(f"{len(geos)} geometries for {len(refs)} file pairs")
+    options = options or EvalOptions()
+    if metrics is not None:
+        options = replace(options, metrics=tuple(metrics))
+    if threshold is not None:
+        options = replace(options, threshold=threshold)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for ref, gen, geo in zip(refs, gens, geos):
+        comp, floor, g = evaluate_pair(ref, gen, geo, options, extra_dirs)
+        pairs.append({"reference": str(ref), "generated": str(gen), "geometry": g, "comparison": comp, "floor": floor})
+    return write_report(pairs, out_dir, options)
