@@ -1,0 +1,74 @@
+"""``calofm evaluate``: generated vs reference showers -> metrics.json, PNG plots and report.md."""
+
+from __future__ import annotations
+
+import argparse
+
+from calofm.cli import add_geometry_dir, parse_range
+
+METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd")
+
+
+def _metrics(text: str) -> tuple[str, ...]:
+    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in chosen if m not in METRICS + ("all",)]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}; choose from all, {', '.join(METRICS)}")
+    return METRICS if "all" in chosen else chosen
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", "-r", action="append", required=True, metavar="REF.h5",
+                        help="reference (e.g. Geant4) file; repeat for several geometries")
+    parser.add_argument("--generated", "-g", action="append", required=True, metavar="GEN.h5",
+                        help="generated file with the reference's conditions (calofm generate --like REF.h5)")
+    parser.add_argument("--out", "-o", required=True, metavar="DIR", help="report folder")
+    parser.add_argument("--metrics", type=_metrics, default=METRICS, metavar="LIST",
+                        help=f"comma-separated subset of: {', '.join(METRICS)} (default: all)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="MeV",
+                        help="cell threshold applied to both files (default: the geometry card's)")
+    parser.add_argument("--geometry", action="append", default=None, metavar="NAME",
+                        help="geometry per pair (default: recorded in the files)")
+    parser.add_argument("--max-showers", type=int, default=None, metavar="N", help="use the first N showers only")
+    parser.add_argument("--epochs", type=int, default=None, help="classifier epochs (default 10 on CPU, 50 on GPU)")
+    parser.add_argument("--full-classifier", action="store_true",
+                        help="the full CaloChallenge recipe (width 2048, 50 epochs) even on CPU")
+    parser.add_argument("--n-runs", type=int, default=1, help="independent classifier trainings (paper: 10)")
+    parser.add_argument("--fpd-samples", type=parse_range, default=(10_000, 50_000), metavar="MIN:MAX",
+                        help="FPD batch sizes (default 10000:50000, as the CaloChallenge)")
+    parser.add_argument("--kpd-batch", type=int, default=10_000, help="KPD batch size (default 10000)")
+    parser.add_argument("--no-noise-floor", action="store_true",
+                        help="skip the reference-half-vs-half comparison (halves the run time)")
+    parser.add_argument("--no-plots", action="store_true", help="metrics and report only")
+    parser.add_argument("--seed", type=int, default=0)
+    add_geometry_dir(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from calofm.evaluation.classifier import FULL_RECIPE, default_config
+    from calofm.evaluation.suite import EvalOptions, evaluate
+
+    if len(args.reference) != len(args.generated):
+        raise ValueError(f"{len(args.reference)} --reference but {len(args.generated)} --generated files")
+    if args.geometry is not None and len(args.geometry) not in (1, len(args.reference)):
+        raise ValueError(f"give one --geometry per file pair ({len(args.reference)}), or one for all")
+    cls = default_config()
+    if args.full_classifier:
+        cls = replace(FULL_RECIPE, device=cls.device)
+    cls = replace(cls, n_runs=args.n_runs, seed=args.seed, epochs=args.epochs or cls.epochs)
+    options = EvalOptions(metrics=args.metrics, threshold=args.threshold, noise_floor=not args.no_noise_floor,
+                          classifier=cls, max_showers=args.max_showers, plots=not args.no_plots, seed=args.seed,
+                          fpd_samples=tuple(int(v) for v in args.fpd_samples), kpd_batch=args.kpd_batch)
+    geometry = args.geometry * len(args.reference) if args.geometry and len(args.geometry) == 1 else args.geometry
+    metrics = evaluate(args.reference, args.generated, args.out, geometry=geometry, options=options,
+                       extra_dirs=args.geometry_dir)
+    for name, entry in metrics["geometries"].items():
+        parts = [f"{m} AUC {entry[m]['auc']:.3f}" for m in ("cls-low", "cls-high") if entry.get(m)]
+        parts += [f"{m.upper()} x1e3 {entry[m]['x1e3']:.3f}" for m in ("fpd", "kpd") if entry.get(m)]
+        if entry.get("hist"):
+            parts.append(f"S(E_tot/E_inc) {entry['hist']['e_ratio']['separation_power']:.2e}")
+        print(f"{name}: " + ", ".join(parts))
+    print(f"report: {args.out}/report.md")
+    return 0
