@@ -8,6 +8,7 @@ energyflow, numba and awkward, so the same definitions are written out here (doc
 from __future__ import annotations
 
 import logging
+from functools import cache
 
 import numpy as np
 from scipy.optimize import curve_fit
@@ -22,6 +23,13 @@ def normalise(real: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndarray
     scale = np.max(np.abs(real), axis=0)
     scale = np.where(scale == 0, 1.0, scale)
     return real / scale, gen / scale
+
+
+@cache
+def _blas():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
@@ -39,7 +47,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     except np.linalg.LinAlgError:  # still singular (collinear features): symmetric square root instead
         w, v = np.linalg.eigh(c1)
         root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    inner = np.linalg.eigvalsh(root1.T @ c2 @ root1)
+    inner = np.linalg.eigvalsh(root1.T @ c2 @ root1)  # symmetric up to round-off; LAPACK reads one triangle
     tr_sqrt = float(np.sum(np.sqrt(np.clip(inner, 0.0, None))))
     diff = np.asarray(mu1) - np.asarray(mu2)
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
@@ -89,7 +97,10 @@ def fpd(
         for _ in range(num_batches):
             i1 = rng.choice(len(x), size=size)
             i2 = rng.choice(len(y), size=size)
-            values.append(frechet_distance(*resampled_mean_cov(x, i1), *resampled_mean_cov(y, i2)))
+            moments = (*resampled_mean_cov(x, i1), *resampled_mean_cov(y, i2))
+            # 362 x 362 LAPACK calls: one BLAS thread; threaded OpenBLAS stalls 10-40x on a busy 2-core machine
+            with _blas().limit(limits=1, user_api="blas"):
+                values.append(frechet_distance(*moments))
         means.append(np.mean(values))
     params, cov = curve_fit(lambda t, a, b: a + b * t, 1.0 / sizes, means, bounds=([0, 0], [np.inf, np.inf]))
     return float(params[0]), float(np.sqrt(cov[0, 0]))
