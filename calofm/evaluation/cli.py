@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-runs", type=int, default=1, help="independent classifier trainings (paper: 10)")
     parser.add_argument("--fpd-samples", type=parse_range, default=(10_000, 50_000), metavar="MIN:MAX",
                         help="FPD batch sizes (default 10000:50000, as the CaloChallenge)")
-    parser.add_argument("--kpd-batch", type=int, default=10_000, help="KPD batch size (default 10000)")
+    parser.add_argument("--kpd-batch", type=int, default=None,
+                        help="KPD batch size (default 10000 as the CaloChallenge, or the sample size if smaller)")
     parser.add_argument("--no-noise-floor", action="store_true",
                         help="skip the reference-half-vs-half comparison (halves the run time)")
     parser.add_argument("--no-plots", action="store_true", help="metrics and report only")

@@ -35,7 +35,7 @@ class EvalOptions:
     noise_floor: bool = True
     classifier: ClassifierConfig | None = None  # None: full recipe on GPU, CPU recipe otherwise
     fpd_samples: tuple[int, int] = (10_000, 50_000)  # CaloChallenge: min_samples=10000, JetNet max 50000
-    kpd_batch: int = 10_000  # CaloChallenge: batch_size=10000
+    kpd_batch: int | None = None  # None: min(10000 (CaloChallenge), sample size), see docs/evaluation.md
     max_showers: int | None = None  # use only the first N showers of each file
     plots: bool = True
     progress: bool = True
@@ -99,10 +99,12 @@ def compare_samples(ref: dict, gen: dict, geometry: Geometry, options: EvalOptio
     if "fpd" in options.metrics:
         log.info("FPD on %d x %d high-level features", *high_r.shape)
         value, err = fpd(high_r, high_g, *options.fpd_samples, progress=options.progress)
-        res["fpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3}
+        res["fpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3,
+                      "batch_sizes": list(options.fpd_samples)}
     if "kpd" in options.metrics:
-        value, err = kpd(high_r, high_g, batch_size=options.kpd_batch, progress=options.progress)
-        res["kpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3}
+        batch = options.kpd_batch or min(10_000, len(high_r))
+        value, err = kpd(high_r, high_g, batch_size=batch, progress=options.progress)
+        res["kpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3, "batch_size": batch}
     cfg = _classifier_config(options)
     if "cls-high" in options.metrics:
         log.info("classifier on high-level features (%d inputs)", high_r.shape[1])
