@@ -151,7 +151,6 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
     from calofm.geometry import load_geometry
     from calofm.models import CaloDiTModel
     from calofm.preprocess import ShowerPreprocessor
-    from calofm.training.data import fit_preprocessor
 
     geometry = load_geometry(a.geometry, geometry_dirs)
 
@@ -162,9 +161,9 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
         net.config.geometry_thresholds = {**net.config.geometry_thresholds, geometry.name: geometry.card.threshold}
         pre = ShowerPreprocessor.from_dict(net.config.preprocessing)
         if a.from_scratch:
-            pre = fit_preprocessor(data.train, 2000)
+            # same architecture and the same model space (preprocessing) as the base, random weights:
+            # validation losses of scratch and adapted models are then directly comparable
             config = net.config
-            config.preprocessing = pre.state_dict()
             config.geometry_slots = {geometry.name: slot}
             config.geometry_thresholds = {geometry.name: geometry.card.threshold}
             net = CaloDiTModel(config)

@@ -40,6 +40,9 @@ class Setup:
 
     build: Callable[[RunData], tuple[nn.Module, ShowerPreprocessor]]  # -> raw network F, preprocessing
     save: Callable[[nn.Module, Path], None]  # (network with EMA weights, output dir)
+    # optional extra metrics at every validation point, e.g. a fidelity metric of generated showers:
+    # (network with EMA weights, step) -> {name: value}; runs on the main process
+    evaluate: Callable[[nn.Module, int], dict] | None = None
 
 
 class TrainState:
@@ -150,7 +153,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     drop_p = float(getattr(acc.unwrap_model(model).config, "cond_dropout", 0.0) or 0.0)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
     if state.step == 0:
-        acc.log(validate(_ema_copy(acc, model, ema), pre, data, acc), step=0)
+        _validate_and_log(acc, model, ema, pre, data, setup, 0)
     model.train()
     micro = state.step * cfg.grad_accum
     t_wait, t_last = 0.0, time.perf_counter()
@@ -188,7 +191,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             t_wait, t_last = 0.0, now
         if state.step % cfg.val_every == 0 or state.step == cfg.steps:
-            acc.log(validate(_ema_copy(acc, model, ema), pre, data, acc), step=state.step)
+            _validate_and_log(acc, model, ema, pre, data, setup, state.step)
         if state.step == cfg.stop_at and state.step < cfg.steps:
             acc.save_state()
             acc.print(f"stopping at step {state.step} as asked (stop_at); run again to resume")
@@ -206,6 +209,14 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     acc.wait_for_everyone()
     acc.end_training()
     return final
+
+
+def _validate_and_log(acc, model, ema, pre, data, setup: Setup, step: int) -> None:
+    net = _ema_copy(acc, model, ema)
+    record = validate(net, pre, data, acc)
+    if setup.evaluate is not None and acc.is_main_process:
+        record.update(setup.evaluate(net, step))
+    acc.log(record, step=step)
 
 
 def _ema_copy(acc: Accelerator, model: nn.Module, ema: EMA) -> nn.Module:
