@@ -83,7 +83,7 @@ def plot_layer_grid(hists: list[Hist | None], xlabel: str, path: Path, logx=Fals
     layers = np.unique(np.linspace(0, len(hists) - 1, n_show).round().astype(int))
     fig = plt.figure(figsize=(13, 11))
     grid = fig.add_gridspec(3, 3, hspace=0.35, wspace=0.3)
-    for cell, layer in zip(grid, layers):
+    for i, (cell, layer) in enumerate(zip(grid, layers)):
         h = hists[layer]
         top, bottom = _ratio_axes(fig, cell)
         if h is None:
@@ -92,6 +92,8 @@ def plot_layer_grid(hists: list[Hist | None], xlabel: str, path: Path, logx=Fals
         s = scores[layer] if scores is not None else None
         title = f"layer {layer}" + (f"  S = {s:.2e}" if s is not None else "")
         draw_hist(top, bottom, h, xlabel, logx=logx, logy=logx, title=title)
+        if i == 0:
+            top.legend(fontsize=7)
         for ax in (top, bottom):  # fewer tick labels: text layout is most of the drawing time of 18 axes
             ax.tick_params(labelsize=7)
             if not logx:
