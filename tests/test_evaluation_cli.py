@@ -64,3 +64,16 @@ def test_cli_compare_geometries(files, tmp_path, capsys):
         assert 2.0 < g["mean_depth_X0"] < 15.0
     assert (out / "profiles.png").stat().st_size > 1000 and (out / "response.png").stat().st_size > 1000
     assert np.isfinite(summary[0]["mean_r_RM"])
+
+
+def test_cli_evaluate_several_geometries_in_one_report(files, tmp_path, capsys):
+    out = tmp_path / "multi"
+    rc = main(["-q", "evaluate", "-r", files["ref"], "-g", files["gen"], "-r", files["allegro"], "-g", files["allegro"],
+               "-o", str(out), "--metrics", "hist", "--no-plots", "--no-noise-floor"])
+    assert rc == 0, capsys.readouterr().err
+    entries = json.loads((out / "metrics.json").read_text())["geometries"]
+    assert list(entries) == ["par04_siw", "allegro"]
+    assert entries["allegro"]["hist"]["e_ratio"]["separation_power"] == 0.0  # a file against itself
+    assert entries["par04_siw"]["hist"]["e_ratio"]["separation_power"] > 0.0
+    report = (out / "report.md").read_text()
+    assert "## par04_siw" in report and "## allegro" in report

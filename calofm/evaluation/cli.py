@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     cls = replace(cls, n_runs=args.n_runs, seed=args.seed, epochs=args.epochs or cls.epochs)
     options = EvalOptions(metrics=args.metrics, threshold=args.threshold, noise_floor=not args.no_noise_floor,
                           classifier=cls, max_showers=args.max_showers, plots=not args.no_plots, seed=args.seed,
+                          progress=not getattr(args, "quiet", False),
                           fpd_samples=tuple(int(v) for v in args.fpd_samples), kpd_batch=args.kpd_batch)
     geometry = args.geometry * len(args.reference) if args.geometry and len(args.geometry) == 1 else args.geometry
     metrics = evaluate(args.reference, args.generated, args.out, geometry=geometry, options=options,
