@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from calofm.evaluation import features as F
 from calofm.evaluation.classifier import ClassifierConfig, classifier_test, default_config
@@ -146,14 +147,17 @@ def split_halves(sample: dict, seed: int) -> tuple[dict, dict]:
     return {k: v[a] for k, v in sample.items()}, {k: v[b] for k, v in sample.items()}
 
 
-def load_sample(path: str | Path, geometry: Geometry | None, max_showers: int | None) -> tuple[dict, str | None]:
+def load_sample(path: str | Path, geometry: Geometry | None, max_showers: int | None,
+                progress: bool = False) -> tuple[dict, str | None]:
     """Read a shower file (optionally its first ``max_showers``); returns the sample and its recorded geometry."""
     from calofm.data.io import ShowerFile
 
     with ShowerFile(path, geometry=geometry) as f:
         n = len(f) if max_showers is None else min(max_showers, len(f))
         log.info("reading %d showers from %s", n, path)
-        sample = f.read(slice(0, n))
+        parts = [f.read(slice(start, min(start + 4096, n))) for start in
+                 tqdm(range(0, n, 4096), desc=f"read {Path(path).name}", disable=not progress, leave=False)]
+        sample = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else f.read(slice(0, 0))
         return sample, f.attrs.geometry
 
 
@@ -173,8 +177,8 @@ def evaluate_pair(reference, generated, geometry=None, options: EvalOptions | No
     """Read, check and compare one reference/generated pair; returns (Comparison, noise floor or None, geometry)."""
     options = options or EvalOptions()
     geo = load_geometry(geometry, extra_dirs) if geometry is not None else None
-    ref, ref_geo = load_sample(reference, geo, options.max_showers)
-    gen, gen_geo = load_sample(generated, geo, options.max_showers)
+    ref, ref_geo = load_sample(reference, geo, options.max_showers, options.progress)
+    gen, gen_geo = load_sample(generated, geo, options.max_showers, options.progress)
     geo = geo or resolve_geometry(None, [ref_geo, gen_geo], [reference, generated], extra_dirs)
     check_conditions(ref, gen, str(reference), str(generated))
     log.info("%s: comparing %s with %s", geo.name, generated, reference)
