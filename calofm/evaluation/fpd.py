@@ -92,16 +92,16 @@ def fpd(
     sizes = (1.0 / np.linspace(1.0 / min_samples, 1.0 / max_samples, num_points)).astype(np.int32)
     rng = np.random.default_rng(seed)
     means = []
-    for size in tqdm(sizes, desc="FPD batch sizes", disable=not progress, leave=False):
-        values = []
-        for _ in range(num_batches):
-            i1 = rng.choice(len(x), size=size)
-            i2 = rng.choice(len(y), size=size)
-            moments = (*resampled_mean_cov(x, i1), *resampled_mean_cov(y, i2))
-            # 362 x 362 LAPACK calls: one BLAS thread; threaded OpenBLAS stalls 10-40x on a busy 2-core machine
-            with _blas().limit(limits=1, user_api="blas"):
-                values.append(frechet_distance(*moments))
-        means.append(np.mean(values))
+    # One BLAS thread: 400 mid-sized products and 200 362x362 LAPACK calls ran 10-40x slower with threaded
+    # OpenBLAS on a busy 2-core machine (e.g. two pytest workers); on an idle one this costs ~30 %.
+    with _blas().limit(limits=1, user_api="blas"):
+        for size in tqdm(sizes, desc="FPD batch sizes", disable=not progress, leave=False):
+            values = []
+            for _ in range(num_batches):
+                i1 = rng.choice(len(x), size=size)
+                i2 = rng.choice(len(y), size=size)
+                values.append(frechet_distance(*resampled_mean_cov(x, i1), *resampled_mean_cov(y, i2)))
+            means.append(np.mean(values))
     params, cov = curve_fit(lambda t, a, b: a + b * t, 1.0 / sizes, means, bounds=([0, 0], [np.inf, np.inf]))
     return float(params[0]), float(np.sqrt(cov[0, 0]))
 
