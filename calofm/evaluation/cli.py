@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kpd-batch", type=int, default=None,
                         help="KPD batch size (default 10000 as the CaloChallenge, or the sample size if smaller)")
     parser.add_argument("--no-noise-floor", action="store_true",
-                        help="skip the reference-half-vs-half comparison (halves the run time)")
+                        help="skip the reference-half-vs-half comparison (reruns every metric on N/2 vs N/2)")
     parser.add_argument("--no-plots", action="store_true", help="metrics and report only")
     parser.add_argument("--seed", type=int, default=0)
     add_geometry_dir(parser)
