@@ -40,9 +40,7 @@ def _layer_moments(cells: np.ndarray, coord: np.ndarray, e_layer: np.ndarray) ->
 def shower_features(showers: np.ndarray, energy: np.ndarray, geometry: Geometry) -> dict[str, np.ndarray]:
     """Features of thresholded showers (n, 9, 16, 45) MeV with incident energies (n,) MeV.
 
-    Per shower: e_inc, e_tot, e_ratio = e_tot/e_inc, n_hits (cells > 0). Per layer (n, 45): e_layer,
-    ec_x/ec_y/ec_r (mm) and width_x/width_y/width_r (mm), sparsity (fraction of empty cells). Profiles:
-    radial (n, 9) energy per radial bin; the longitudinal profile is e_layer.
+    Per shower (n,): e_inc, e_tot, e_ratio, n_hits; per layer (n, 45): PER_LAYER (mm, MeV); radial (n, 9).
     """
     showers = np.asarray(showers)
     energy = np.asarray(energy, dtype=np.float64).reshape(-1)
@@ -74,11 +72,8 @@ def shower_features(showers: np.ndarray, energy: np.ndarray, geometry: Geometry)
 
 
 def high_level_vector(features: dict[str, np.ndarray]) -> np.ndarray:
-    """The CaloChallenge classifier/FPD input, 1 + 8 * n_layers + 1 columns (362 for 45 layers).
-
-    Order as ``prepare_high_data_for_classifier``: log10 E_inc, log10(E_layer + 1e-8), EC_x/100, EC_y/100,
-    width_x/100, width_y/100, log10(E_tot + 1e-8), sparsity, EC_r/100, width_r/100 (energies MeV, lengths mm).
-    """
+    """The CaloChallenge classifier/FPD input, 1 + 8 * n_layers + 1 columns (362 for 45 layers)."""
+    # order of the CaloChallenge's prepare_high_data_for_classifier (energies MeV, lengths mm)
     f = features
     cols = [
         np.log10(f["e_inc"])[:, None],
@@ -98,8 +93,7 @@ def high_level_vector(features: dict[str, np.ndarray]) -> np.ndarray:
 def low_level_vector(showers: np.ndarray, energy: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """The CaloChallenge low-level classifier input: [log10 E_inc, voxels / (scale * E_inc)], float32.
 
-    ``scale`` divides out the visible fraction (the reference median of E_tot/E_inc) so our visible-energy
-    voxels reach the O(1e-2) values the CaloChallenge recipe was tuned on; use the same scale for both files.
+    ``scale`` (the reference median of E_tot/E_inc, same for both files) puts visible energy on the CaloChallenge scale.
     """
     energy = np.asarray(energy, dtype=np.float64).reshape(-1)
     flat = np.asarray(showers, dtype=np.float32).reshape(len(energy), -1)

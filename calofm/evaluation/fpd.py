@@ -33,11 +33,9 @@ def _blas():
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^1/2) of two Gaussians.
-
-    Tr (C1 C2)^1/2 is the sum of square roots of the eigenvalues of L^T C2 L with C1 = L L^T (similar to
-    C1 C2, symmetric PSD): the same number as pytorch-fid's ``sqrtm`` route, without its complex round-off.
-    """
+    """|mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^1/2) of two Gaussians."""
+    # Tr (C1 C2)^1/2 = sum of sqrt(eigenvalues of L^T C2 L), C1 = L L^T (similar to C1 C2, symmetric PSD):
+    # the same number as pytorch-fid's sqrtm route, without its complex round-off.
     # A feature constant in sample 1 (zero row and column of C1) only adds zero eigenvalues to C1 C2,
     # so the trace of the root is taken on the other features: exact, and keeps C1 positive definite.
     keep = np.flatnonzero(np.diag(cov1) > 0)
@@ -56,8 +54,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
 def resampled_mean_cov(x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (ddof=1, as np.cov) of ``x[idx]``.
 
-    When the draw is larger than the data, the moments are weighted sums over the data with the draw
-    counts as weights: the same numbers at a cost set by len(x) instead of len(idx).
+    Draws larger than the data use count-weighted sums over the data: same numbers, cost set by len(x).
     """
     size = len(idx)
     if size > len(x):
@@ -81,10 +78,9 @@ def fpd(
     seed: int = 42,
     progress: bool = False,
 ) -> tuple[float, float]:
-    """FPD and its error: the N -> infinity intercept of the mean Frechet distance vs 1/N.
+    """FPD and its error: the N -> infinity intercept of the mean Frechet distance vs 1/N (CaloChallenge defaults).
 
-    Batch sizes N = 1/linspace(1/min, 1/max, num_points); per N, ``num_batches`` pairs drawn with
-    replacement; bounded (>= 0) linear fit in 1/N. Defaults are the CaloChallenge call.
+    N = 1/linspace(1/min, 1/max, num_points); ``num_batches`` pairs per N with replacement; fit bounded >= 0.
     """
     from tqdm.auto import tqdm
 

@@ -138,8 +138,7 @@ def compare_histograms(
 ) -> tuple[dict, dict[str, list[Hist | None]]]:
     """Scores per feature (JSON-ready) and the histograms (for plots) of reference vs generated features.
 
-    Per-layer features report the mean over layers with a defined score (CaloChallenge averages over layers)
-    and the per-layer list. W1 is given in units of the reference spread (``w1_rel``).
+    Per-layer features give the mean over layers (as the CaloChallenge) and the list; ``w1_rel`` is W1 / sigma_ref.
     """
     scores: dict[str, dict] = {}
     hists: dict[str, list[Hist | None]] = {}

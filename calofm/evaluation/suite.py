@@ -201,10 +201,9 @@ def evaluate(
     options: EvalOptions | None = None,
     extra_dirs=None,
 ) -> dict:
-    """Evaluate generated against reference files and write metrics.json, plots and report.md to ``out_dir``.
+    """Evaluate generated against reference files; write metrics.json, plots and report.md; return metrics.json.
 
-    ``reference``/``generated`` are paths or equal-length lists of paths (one pair per geometry);
-    ``geometry`` a name, a list of names (one per pair) or None (recorded in the files). Returns metrics.json.
+    Paths or equal-length lists of paths (one pair per geometry); ``geometry`` a name, a list, or None (from files).
     """
     from calofm.evaluation.report import write_report
 
