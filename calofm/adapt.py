@@ -39,10 +39,10 @@ class AdaptConfig:
     rank: int = 8
     alpha: float | None = None  # LoRA scaling alpha/rank; default 2 * rank
     samples: int = 5000  # simulated training showers when `data` is empty
-    val_samples: int = 500
+    val_samples: int = 300
     data: list[str] = field(default_factory=list)  # shower files of the new detector (native/LEMURS format)
-    steps: int = 600
-    batch_size: int = 64
+    steps: int = 400
+    batch_size: int = 32
     lr: float | None = None  # default: 2e-3 LoRA, 2e-4 full fine-tuning, 5e-4 from scratch
     warmup_steps: int = 50
     ema_decay: float = 0.99
@@ -237,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="pretrained model folder or Hub id (default runs/pretrain/model)")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapter (default) or full fine-tuning")
     p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default 600)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 400)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (default by method)")
     p.add_argument("--out", help="output folder (default runs/adapt_<geometry>_<method>)")

@@ -18,7 +18,7 @@ class SourceConfig:
     geometry: str
     files: list[str] = field(default_factory=list)  # native/LEMURS .h5; empty -> simulate `samples` showers
     samples: int = 6000  # simulated training showers (when `files` is empty)
-    val_samples: int = 500  # simulated validation showers, or rows held out at the end of `files`
+    val_samples: int = 300  # simulated validation showers, or rows held out at the end of `files`
     weight: float = 1.0  # mixing weight of this source in every batch
     energy: tuple[float, float] | None = None  # GeV range for simulation; default: the geometry card's
     spectrum: Literal["flat", "log-uniform"] | None = None
@@ -60,13 +60,13 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 0  # batches, noise and initialisation
-    steps: int = 1500  # optimiser steps
-    batch_size: int = 64  # global batch (all processes, all accumulation micro-steps)
+    steps: int = 1200  # optimiser steps
+    batch_size: int = 32  # global batch (all processes, all accumulation micro-steps)
     grad_accum: int = 1
     ema_decay: float = 0.995
     log_every: int = 10
-    val_every: int = 250
-    save_every: int = 500  # accelerate save_state (resumable checkpoint)
+    val_every: int = 200
+    save_every: int = 400  # accelerate save_state (resumable checkpoint)
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
     stop_at: int | None = None  # end this invocation after this step, with a checkpoint (time-sliced jobs)
