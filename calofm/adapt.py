@@ -43,7 +43,7 @@ class AdaptConfig:
     data: list[str] = field(default_factory=list)  # shower files of the new detector (native/LEMURS format)
     steps: int = 400
     batch_size: int = 32
-    lr: float | None = None  # default: 2e-3 LoRA, 2e-4 full fine-tuning, 5e-4 from scratch
+    lr: float | None = None  # default: 2e-3 LoRA, 2e-4 full fine-tuning, 2e-3 from scratch (as pretraining)
     warmup_steps: int = 50
     ema_decay: float = 0.99
     seed: int = 0
@@ -74,7 +74,7 @@ class AdaptConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else {"lora": 2e-3, "full": 2e-4, "scratch": 5e-4}[self.kind]
+        return self.lr if self.lr is not None else {"lora": 2e-3, "full": 2e-4, "scratch": 2e-3}[self.kind]
 
 
 def train_config(a: AdaptConfig):

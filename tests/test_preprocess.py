@@ -38,7 +38,7 @@ def test_inverse_is_exact_above_threshold(mode):
 
 
 def test_output_is_non_negative_and_threshold_cut_per_sample():
-    pre = ShowerPreprocessor(mean=-5.0, std=2.0)
+    pre = ShowerPreprocessor(mode="absolute", mean=-5.0, std=2.0)
     y = torch.randn(3, 9, 16, 45) * 3  # arbitrary model-space values, many below the eps floor
     x = pre.inverse(y)
     assert (x >= 0).all() and (x == 0).any()  # below log(eps) -> clamped, never negative
@@ -48,6 +48,21 @@ def test_output_is_non_negative_and_threshold_cut_per_sample():
         kept = x[b] >= threshold[b]
         assert torch.equal(cut[b][kept], x[b][kept]) and (cut[b][~kept] == 0).all()
     assert (cut[2] < 1.0).logical_and(cut[2] > 0).sum() == 0
+
+
+def test_noise_cut_scales_with_eps_and_incident_energy():
+    energy = torch.tensor([1e3, 1e5])  # MeV
+    pre = ShowerPreprocessor(eps=1e-6, noise_cut=2.0)  # default mode: fraction of E_inc
+    assert pre.mode == "fraction"
+    cells = torch.tensor([1.5e-3, 2.5e-3, 0.15, 0.25])  # MeV; the cut is 2e-3 MeV at 1 GeV, 0.2 MeV at 100 GeV
+    x = cells.expand(2, 4).clone()
+    back = pre.inverse(pre.forward(x.double(), energy.double()), energy.double())
+    assert back[0].nonzero().flatten().tolist() == [1, 2, 3] and back[1].nonzero().flatten().tolist() == [3]
+    torch.testing.assert_close(back[back > 0], x.double()[back > 0])
+    # the readout threshold still applies above the noise cut
+    assert (pre.inverse(pre.forward(x, energy), energy, threshold=0.2)[0] > 0).tolist() == [False, False, False, True]
+    uncut = ShowerPreprocessor(eps=1e-6).inverse(pre.forward(x.double(), energy.double()), energy.double())
+    torch.testing.assert_close(uncut, x.double())
 
 
 def test_fraction_mode_needs_energy():
@@ -81,11 +96,11 @@ def test_fit_needs_data():
 
 def test_state_json_round_trip_and_lives_in_model_config(tmp_path):
     x, energy = showers()
-    pre = ShowerPreprocessor().fit([(x, energy)])
+    pre = ShowerPreprocessor(noise_cut=2.0).fit([(x, energy)])
     state = json.loads(json.dumps(pre.state_dict()))
     again = ShowerPreprocessor.from_dict(state)
     assert again.state_dict() == pre.state_dict()
-    assert torch.equal(again.forward(x), pre.forward(x))
+    assert torch.equal(again.forward(x, energy), pre.forward(x, energy))
     config = CaloDiTConfig(hidden_size=48, num_attention_heads=4, preprocessing=pre.state_dict())
     config.save_pretrained(tmp_path)
     loaded = ShowerPreprocessor.from_dict(CaloDiTConfig.from_pretrained(tmp_path).preprocessing)
@@ -94,9 +109,13 @@ def test_state_json_round_trip_and_lives_in_model_config(tmp_path):
         ShowerPreprocessor.from_dict({**state, "scale": 2})
     with pytest.raises(ValueError, match="version"):
         ShowerPreprocessor.from_dict({**state, "version": 99})
+    old = {k: v for k, v in state.items() if k != "noise_cut"} | {"version": 1}  # before noise_cut existed
+    assert ShowerPreprocessor.from_dict(old).noise_cut == 0.0
 
 
-@pytest.mark.parametrize("kwargs", [dict(mode="logit"), dict(eps=0.0), dict(std=0.0), dict(mean=math.nan)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(mode="logit"), dict(eps=0.0), dict(std=0.0), dict(mean=math.nan), dict(noise_cut=-1.0)]
+)
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
         ShowerPreprocessor(**kwargs)

@@ -36,6 +36,15 @@ class DataConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """Model-space transform (calofm.preprocess); mean/std are fitted on the training data."""
+
+    mode: Literal["fraction", "absolute"] = "fraction"  # cell energy / E_inc, or in MeV
+    eps: float | None = None  # default 1e-6 (fraction) or 1e-3 MeV (absolute)
+    noise_cut: float = 2.0  # generated cells below noise_cut * eps * unit are set to 0
+
+
+@dataclass
 class ModelConfig:
     preset: str = "small"  # tiny | small | base (calofm.models.PRESETS)
     hidden_size: int | None = None  # optional overrides of the preset
@@ -47,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: float = 2e-3
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
@@ -73,6 +82,7 @@ class TrainConfig:
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):

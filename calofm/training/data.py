@@ -71,8 +71,10 @@ def prepare_data(cfg: DataConfig, extra_geometry_dirs=None, progress: bool = Tru
     return RunData(train=ShowerDataset(train), val=val, geometries=geos)
 
 
-def fit_preprocessor(data: ShowerDataset, samples_per_file: int, batch: int = 500) -> ShowerPreprocessor:
-    """Fit the model-space statistics on the first ``samples_per_file`` showers of every source.
+def fit_preprocessor(
+    data: ShowerDataset, samples_per_file: int, pre: ShowerPreprocessor | None = None, batch: int = 500
+) -> ShowerPreprocessor:
+    """Fit ``pre``'s model-space statistics on the first ``samples_per_file`` showers of every source.
 
     Deterministic (fixed rows), so every process of a multi-process run computes the same numbers.
     """
@@ -86,7 +88,7 @@ def fit_preprocessor(data: ShowerDataset, samples_per_file: int, batch: int = 50
                 b = data.__getitems__(rows)
                 yield {"showers": b["showers"], "energy": b["energy"]}
 
-    pre = ShowerPreprocessor().fit(batches())
+    pre = (pre or ShowerPreprocessor()).fit(batches())
     log.info("preprocessing fitted: %s", pre)
     return pre
 

@@ -36,7 +36,9 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
             net.config.geometry_slots = {**net.config.geometry_slots, **slots}
             net.config.geometry_thresholds = {**net.config.geometry_thresholds, **thresholds}
             return net, pre
-        pre = fit_preprocessor(data.train, cfg.data.stats_samples)
+        p = cfg.preprocess
+        pre = fit_preprocessor(data.train, cfg.data.stats_samples,
+                               ShowerPreprocessor(mode=p.mode, eps=p.eps, noise_cut=p.noise_cut))
         overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_hidden_layers", m.num_hidden_layers),
                                        ("num_attention_heads", m.num_attention_heads),
                                        ("cond_dropout", m.cond_dropout)) if v is not None}
