@@ -34,7 +34,11 @@ def _layer_moments(cells: np.ndarray, coord: np.ndarray, e_layer: np.ndarray) ->
     """Energy-weighted centre and width per layer; cells (n, k, z), coord (k,), e_layer (n, z)."""
     first = np.einsum("nkz,k->nz", cells, coord) / (e_layer + EPS)
     second = np.einsum("nkz,k->nz", cells, coord**2) / (e_layer + EPS)
-    return first, np.sqrt(np.maximum(second - first**2, 0.0))
+    var = second - first**2
+    # a layer whose energy sits at one coordinate (e.g. one hit) has width 0, not the ~1e-8 * coord that
+    # the cancellation leaves: FPD/KPD divide each feature by its reference max, which must not be round-off
+    var = np.where(var > 1e-12 * second, var, 0.0)
+    return first, np.sqrt(var)
 
 
 def shower_features(showers: np.ndarray, energy: np.ndarray, geometry: Geometry) -> dict[str, np.ndarray]:

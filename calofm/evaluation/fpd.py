@@ -98,8 +98,11 @@ def fpd(
                 i2 = rng.choice(len(y), size=size)
                 values.append(frechet_distance(*resampled_mean_cov(x, i1), *resampled_mean_cov(y, i2)))
             means.append(np.mean(values))
-    params, cov = curve_fit(lambda t, a, b: a + b * t, 1.0 / sizes, means, bounds=([0, 0], [np.inf, np.inf]))
-    return float(params[0]), float(np.sqrt(cov[0, 0]))
+    # fit in units of the largest mean: curve_fit starts at (1, 1) and stalls there for means of 1e10 or more
+    unit = max(float(np.max(means)), np.finfo(float).tiny)
+    params, cov = curve_fit(lambda t, a, b: a + b * t, 1.0 / sizes, np.asarray(means) / unit,
+                            bounds=([0, 0], [np.inf, np.inf]))
+    return float(params[0] * unit), float(np.sqrt(cov[0, 0]) * unit)
 
 
 def _poly(block: np.ndarray, d: int, degree: int) -> np.ndarray:
