@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -127,7 +128,9 @@ def lora_wrap(net: nn.Module, slot: int, rank: int, alpha: float | None):
 
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
                         trainable_token_indices={"geometry_embed": [slot]})
-    return get_peft_model(net, config)
+    with warnings.catch_warnings():  # peft 0.21 calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(net, config)
 
 
 def _load_base(base: str, geometry, dtype=torch.float32):
