@@ -31,7 +31,7 @@ from calofm.data.convert import (
     rebin_ds3_to_native,
     to_calochallenge_order,
 )
-from calofm.geometry import MESH_SHAPE
+from calofm.geometry import MESH_SHAPE, load_geometry
 
 KEYS = ("showers", "incident_energy", "incident_phi", "incident_theta")
 
@@ -168,7 +168,9 @@ def test_import_reads_challenge_style_files(tmp_path):
     expected = from_calochallenge_order(np.clip(flat, 0, None).astype(np.float32), 9, 16, 45)
     np.testing.assert_array_equal(got["showers"], expected)
     np.testing.assert_array_equal(got["incident_energy"], [1000.0, 2e3, 5e4, 1e6])
-    assert ShowerFile(native).attrs.geometry == "odd"
+    attrs = ShowerFile(native).attrs
+    assert (attrs.geometry, attrs.mesh_dr, attrs.mesh_dz) == ("odd", load_geometry("odd").mesh.dr,
+                                                              load_geometry("odd").mesh.dz)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -333,6 +335,10 @@ def test_cli_convert_errors_are_one_line_exit_2(tmp_path, capsys):
     src, _ = native_file(tmp_path / "n.h5", n=1)
     assert main(["convert", str(src), str(tmp_path / "o.h5"), "--to", "calofm"]) == 2
     assert capsys.readouterr().err.strip() == f"calofm convert: error: {src} is already in the calofm format"
+    cc = cc_file(tmp_path / "cc.hdf5", np.zeros((2, 6480)), [1e3, 1e3])
+    assert main(["convert", str(cc), str(tmp_path / "i.h5"), "--to", "calofm", "--geometry", "atlas"]) == 2
+    assert capsys.readouterr().err.strip().startswith("calofm convert: error: unknown geometry 'atlas'; available:")
+    assert not (tmp_path / "i.h5").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", str(src), str(tmp_path / "o"), "--to", "root"])
     assert exit_info.value.code == 2

@@ -99,12 +99,26 @@ def test_read_slices(stored, sl):
         assert_same(f.read(sl), {k: data[k][sl] for k in KEYS})
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.booleans(), min_size=150, max_size=150), st.lists(st.integers(-150, 149), max_size=20))
+def test_read_masks_and_negative_rows_like_numpy(stored, mask, rows):
+    path, data = stored
+    mask, rows = np.array(mask, dtype=bool), np.array(rows, dtype=np.int64)
+    with ShowerFile(path) as f:
+        assert_same(f.read(mask), {k: data[k][mask] for k in KEYS})
+        assert_same(f.read(rows), {k: data[k][rows] for k in KEYS})
+
+
 def test_read_out_of_range_is_an_error(stored):
     path, _ = stored
     with ShowerFile(path) as f:
-        for bad in ([150], [-1], [0, 3, 1000]):
+        for bad in ([150], [-151], [0, 3, 1000]):
             with pytest.raises(IndexError, match="index out of range for 150 showers"):
                 f.read(bad)
+        with pytest.raises(IndexError, match=r"boolean index has shape \(3,\), expected \(150,\)"):
+            f.read(np.ones(3, dtype=bool))
+        with pytest.raises(IndexError, match="index must be integers or a boolean mask, not float64"):
+            f.read(np.array([1.0, 2.5]))
 
 
 def test_iter_chunks_and_conditions(stored):

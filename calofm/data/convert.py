@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from calofm.data.format import ENERGY, PHI, SHOWERS, THETA, FileAttrs, ShowerFileError, open_h5
 from calofm.data.io import ShowerFile, ShowerWriter, partial_path
-from calofm.geometry import MESH_SHAPE
+from calofm.geometry import MESH_SHAPE, load_geometry
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,10 @@ def calochallenge_to_native(
     src: str | Path, dst: str | Path, geometry: str = "par04_siw", chunk: int = 2048, progress: bool = True
 ) -> Path:
     """Import a CaloChallenge DS2/DS3 file (values kept: CaloChallenge energies are sampling-corrected)."""
+    geo = load_geometry(geometry)  # an unknown name fails here, before anything is read or written
     n, (n_r, n_alpha, n_z) = read_calochallenge_meta(src)
-    attrs = FileAttrs(geometry=geometry, particle="e-", energy_scale="deposited",
-                      generator=f"calochallenge-import:{Path(src).name}")
+    attrs = FileAttrs(geometry=geo.name, particle="e-", energy_scale="deposited", mesh_dr=geo.mesh.dr,
+                      mesh_dz=geo.mesh.dz, generator=f"calochallenge-import:{Path(src).name}")
     with open_h5(src) as f, ShowerWriter(dst, attrs=attrs) as w:
         for start in tqdm(range(0, n, chunk), disable=not progress, desc=f"import {Path(src).name}", unit="chunk"):
             flat = f["showers"][start : start + chunk].astype(np.float32)
@@ -210,6 +211,8 @@ def parquet_to_native(src: str | Path, dst: str | Path, geometry: str | None = N
     import pyarrow.parquet as pq
 
     src = Path(src)
+    if geometry is not None:
+        geometry = load_geometry(geometry).name  # fail early on an unknown name
     meta = {}
     if src.is_dir() and (src / "calofm.json").exists():
         meta = json.loads((src / "calofm.json").read_text())

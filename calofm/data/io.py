@@ -218,13 +218,22 @@ class ShowerFile:
         return self._conditions
 
     def read(self, index: np.ndarray | slice | list[int]) -> dict[str, np.ndarray]:
-        """Rows ``index`` (any order, repeats allowed): showers (n, 9, 16, 45) and conditions (n,)."""
+        """Rows ``index`` (any order, repeats and negative rows allowed, or a boolean mask):
+        showers (n, 9, 16, 45) and conditions (n,)."""
         if isinstance(index, slice):
             start, stop, step = index.indices(self.n)
             index = np.arange(start, stop, step)
-        index = np.asarray(index, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= self.n):
+        index = np.asarray(index)
+        if index.dtype == bool:  # a mask over all rows, as numpy and h5py accept
+            if index.shape != (self.n,):
+                raise IndexError(f"{self.path}: boolean index has shape {index.shape}, expected ({self.n},)")
+            index = np.flatnonzero(index)
+        if index.size and not np.issubdtype(index.dtype, np.integer):
+            raise IndexError(f"{self.path}: index must be integers or a boolean mask, not {index.dtype}")
+        index = index.astype(np.int64).reshape(-1)
+        if index.size and (index.min() < -self.n or index.max() >= self.n):
             raise IndexError(f"{self.path}: index out of range for {self.n} showers")
+        index = np.where(index < 0, index + self.n, index)  # negative rows count from the end, as in numpy
         order = np.argsort(index, kind="stable")
         sorted_idx = index[order]
         uniq, inverse = np.unique(sorted_idx, return_inverse=True)
