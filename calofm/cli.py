@@ -75,8 +75,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_RANGE = re.compile(r"^-[0-9.][0-9.eE+-]*:[-0-9.eE+]*$")
+
+
+def join_negative_ranges(argv: list[str]) -> list[str]:
+    """``--phi -3.1416:3.1416`` -> ``--phi=-3.1416:3.1416``: argparse takes a token starting with '-'
+    that is not a plain number for an option flag, so a range with a negative lower end needs this."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_RANGE.match(token) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = join_negative_ranges(sys.argv[1:] if argv is None else list(argv))
     # build only the chosen subcommand's arguments (imports of the others are skipped)
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=chosen or "")

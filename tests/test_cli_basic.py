@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from calofm import cli
-from calofm.cli import main, parse_count, parse_range
+from calofm.cli import join_negative_ranges, main, parse_count, parse_range
 from calofm.data import FileAttrs, ShowerFileError, write_showers
 
 READY = ["geometries", "validate", "convert"]  # the other subcommands are built elsewhere
@@ -75,6 +75,16 @@ def test_parse_count_rejects(text):
                                              ("0.87:2.27", (0.87, 2.27)), ("-1:1", (-1.0, 1.0))])
 def test_parse_range(text, value):
     assert parse_range(text) == value
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--phi", "-3.1416:3.1416"], ["--phi=-3.1416:3.1416"]),
+    (["--theta", "1:2", "--phi", "-1:-0.5", "-v"], ["--theta", "1:2", "--phi=-1:-0.5", "-v"]),
+    (["--phi=-1:1", "--energy", "-5"], ["--phi=-1:1", "--energy", "-5"]),  # already joined; plain numbers alone
+    (["-v", "-1:2"], ["-v", "-1:2"]),  # only after a long option
+])
+def test_negative_ranges_are_joined_to_their_option(argv, expected):
+    assert join_negative_ranges(argv) == expected
 
 
 @pytest.mark.parametrize("text", ["5:1", "a:b", "1:2:3", "nan:1", "1:inf", ""])

@@ -203,6 +203,18 @@ def test_conditions_and_cli(tmp_path, capsys):
     assert abs(np.mean(np.log10(e)) - 1.5) < 0.05
 
 
+def test_the_issue_example_with_a_negative_phi_range(tmp_path):
+    """``--phi -3.1416:3.1416`` as typed in the docs: argparse alone would take it for an option."""
+    out = tmp_path / "odd.h5"
+    argv = ["simulate", "--geometry", "odd", "--samples", "200", "--energy", "1:1000", "--theta", "0.87:2.27",
+            "--phi", "-3.1416:3.1416", "--out", str(out), "--seed", "1"]
+    assert cli_main(argv) == 0
+    with ShowerFile(out) as f:
+        cond = f.conditions()
+    assert -3.1416 <= cond["incident_phi"].min() < -2.5 and 2.5 < cond["incident_phi"].max() <= 3.1416
+    assert 0.87 <= cond["incident_theta"].min() and cond["incident_theta"].max() <= 2.27
+
+
 def test_bad_options():
     with pytest.raises(ValueError):
         SimOptions(particle="pi+")

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1000  # showers per deterministic chunk
 GENERATOR = "calofm-sim-gflash-v1"
+PHI_SLACK = 1e-3  # rad: ranges typed with rounded pi (-3.1416) are accepted
 
 
 def _seed(seed: int, chunk: int, stream: int) -> int:
@@ -40,7 +41,7 @@ def sample_conditions(
         raise ValueError(f"energy range {energy} GeV: need 0 < lo <= hi")
     if not 0 < theta[0] <= theta[1] < math.pi:
         raise ValueError(f"theta range {theta}: need 0 < lo <= hi < pi (rad)")
-    if not -math.pi <= phi[0] <= phi[1] <= 2 * math.pi:
+    if not -math.pi - PHI_SLACK <= phi[0] <= phi[1] <= 2 * math.pi + PHI_SLACK:  # slack: "-3.1416" is fine
         raise ValueError(f"phi range {phi}: need -pi <= lo <= hi <= 2 pi (rad)")
     u = rng.random(n)
     if spectrum == "flat":
