@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from calofm import cli
 from calofm.cli import join_negative_ranges, main, parse_count, parse_range
 from calofm.data import FileAttrs, ShowerFileError, write_showers
+from calofm.geometry import load_geometry
 
 READY = ["geometries", "validate", "convert"]  # the other subcommands are built elsewhere
 
@@ -120,6 +122,26 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tmp_showers, capsys):
     out = capsys.readouterr()
     assert f"{good}: OK" in out.out
     assert out.err.strip().endswith(f"{bad}: not an HDF5 file (or truncated before its header)")
+
+
+def test_validate_checks_the_recorded_geometry_against_its_card(tmp_path, tmp_showers, capsys):
+    wrong_dr = tmp_showers(2, geometry="odd", mesh_dr=9.9, name="odd_dr.h5")
+    assert main(["validate", str(wrong_dr)]) == 2
+    assert one_line(capsys).endswith(f"{wrong_dr}: mesh mismatch: file has dr = 9.9 mm, geometry 'odd' has "
+                                     f"{load_geometry('odd').mesh.dr} mm")
+    wrong_shape = tmp_showers(2, mesh_shape=(18, 50, 45), name="shape.h5")
+    assert main(["validate", str(wrong_shape)]) == 2
+    assert one_line(capsys).endswith("attribute mesh_shape = [18, 50, 45] but the showers are on the 9x16x45 mesh")
+    custom = tmp_showers(2, geometry="my_detector", mesh_dr=3.0, name="custom.h5")
+    assert main(["validate", str(custom)]) == 0  # a card we do not have is not an error, but it is said
+    assert "no card for geometry 'my_detector' here: cell sizes not checked" in capsys.readouterr().out
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    card = yaml.safe_load(load_geometry("odd").source.read_text())
+    card["name"] = "my_detector"
+    (cards / "my_detector.yaml").write_text(yaml.safe_dump(card))
+    assert main(["validate", str(custom), "--geometry-dir", str(cards)]) == 2
+    assert "mesh mismatch: file has dr = 3.0 mm, geometry 'my_detector'" in one_line(capsys)
 
 
 def test_argument_errors_exit_2(capsys):

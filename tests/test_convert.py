@@ -158,16 +158,20 @@ def test_export_scale_and_visible_energy_warning(tmp_path, caplog):
         np.testing.assert_array_equal(f["showers"][:], to_calochallenge_order(data["showers"] * np.float32(1 / 0.033)))
 
 
-def test_import_reads_challenge_style_files(tmp_path):
+def test_import_reads_challenge_style_files(tmp_path, caplog):
     flat = to_calochallenge_order(random_showers(4, seed=2)["showers"]).astype(np.float64)
     flat[1, 100] = -0.5  # the challenge clips negatives to 0; so does the import
     cc = cc_file(tmp_path / "dataset_2_1.hdf5", flat, [1000.0, 2e3, 5e4, 1e6])
     assert detect_kind(cc) == "calochallenge"
-    native = calochallenge_to_native(cc, tmp_path / "n.h5", geometry="odd", progress=False)
+    native = calochallenge_to_native(cc, tmp_path / "n.h5", geometry="par04_siw", progress=False)
     got = read_showers(native)
     expected = from_calochallenge_order(np.clip(flat, 0, None).astype(np.float32), 9, 16, 45)
     np.testing.assert_array_equal(got["showers"], expected)
     np.testing.assert_array_equal(got["incident_energy"], [1000.0, 2e3, 5e4, 1e6])
+    assert not caplog.records  # par04_siw: the DS2 mesh itself
+    calochallenge_to_native(cc, tmp_path / "n_odd.h5", geometry="odd", progress=False)
+    assert "recording them as 'odd'" in caplog.text  # another mesh: allowed, but said
+    native = tmp_path / "n_odd.h5"
     attrs = ShowerFile(native).attrs
     assert (attrs.geometry, attrs.mesh_dr, attrs.mesh_dz) == ("odd", load_geometry("odd").mesh.dr,
                                                               load_geometry("odd").mesh.dz)

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     geometry = load_geometry(args.geometry, args.geometry_dir) if args.geometry else None
     for path in args.files:
-        s = validate_file(path, geometry=geometry, progress=True)
+        s = validate_file(path, geometry=geometry, progress=True, geometry_dirs=args.geometry_dir)
         print(f"{path}: OK")
         print(f"  showers          {s['showers']}")
         print(f"  geometry         {s['geometry']}   particle {s['particle']}   energy scale {s['energy_scale']}")
@@ -27,4 +27,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  theta            {s['theta'][0]:.3f} - {s['theta'][1]:.3f} rad")
         print(f"  sum E / E_inc    {s['E_sum/E_inc']:.4f}")
         print(f"  hits per shower  {s['hits_per_shower']:.1f}   max cell {s['max_cell_MeV']:.4g} MeV")
+        if s["note"]:
+            print(f"  note             {s['note']}")
     return 0

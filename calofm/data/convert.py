@@ -29,6 +29,7 @@ from calofm.geometry import MESH_SHAPE, load_geometry
 log = logging.getLogger(__name__)
 
 CC_MESHES = {6480: (9, 16, 45), 40500: (18, 50, 45)}  # voxels -> (n_r, n_alpha, n_z)
+CC_CELL_MM = (4.65, 3.4)  # DS2 (dr, dz) = the Par04 Si-W mesh; DS3 halves dr and is rebinned to it (formats.md §1)
 N_CELLS = int(np.prod(MESH_SHAPE))
 
 
@@ -90,11 +91,16 @@ def read_calochallenge_meta(path: str | Path) -> tuple[int, tuple[int, int, int]
 
 
 def calochallenge_to_native(
-    src: str | Path, dst: str | Path, geometry: str = "par04_siw", chunk: int = 2048, progress: bool = True
+    src: str | Path, dst: str | Path, geometry: str = "par04_siw", chunk: int = 2048, progress: bool = True,
+    geometry_dirs: list[str | Path] | None = None,
 ) -> Path:
     """Import a CaloChallenge DS2/DS3 file (values kept: CaloChallenge energies are sampling-corrected)."""
-    geo = load_geometry(geometry)  # an unknown name fails here, before anything is read or written
+    geo = load_geometry(geometry, geometry_dirs)  # an unknown name fails here, before anything is written
     n, (n_r, n_alpha, n_z) = read_calochallenge_meta(src)
+    if (geo.mesh.dr, geo.mesh.dz) != CC_CELL_MM:
+        log.warning("%s: CaloChallenge DS2/DS3 showers are on the Par04 Si-W mesh (dr %.2f mm, dz %.1f mm); "
+                    "recording them as '%s' (dr %.3g mm, dz %.3g mm) as asked", src, *CC_CELL_MM, geo.name,
+                    geo.mesh.dr, geo.mesh.dz)
     attrs = FileAttrs(geometry=geo.name, particle="e-", energy_scale="deposited", mesh_dr=geo.mesh.dr,
                       mesh_dz=geo.mesh.dz, generator=f"calochallenge-import:{Path(src).name}")
     with open_h5(src) as f, ShowerWriter(dst, attrs=attrs) as w:
@@ -206,13 +212,14 @@ def parquet_files(src: str | Path) -> list[Path]:
     return files
 
 
-def parquet_to_native(src: str | Path, dst: str | Path, geometry: str | None = None, progress: bool = True) -> Path:
+def parquet_to_native(src: str | Path, dst: str | Path, geometry: str | None = None, progress: bool = True,
+                      geometry_dirs: list[str | Path] | None = None) -> Path:
     """Read Parquet shards (written by ``native_to_parquet`` or any table with the same columns)."""
     import pyarrow.parquet as pq
 
     src = Path(src)
     if geometry is not None:
-        geometry = load_geometry(geometry).name  # fail early on an unknown name
+        geometry = load_geometry(geometry, geometry_dirs).name  # fail early on an unknown name
     meta = {}
     if src.is_dir() and (src / "calofm.json").exists():
         meta = json.loads((src / "calofm.json").read_text())
@@ -263,17 +270,18 @@ def detect_kind(path: str | Path) -> str:
 
 
 def convert(src: str | Path, dst: str | Path, to: str, geometry: str | None = None, dataset: int = 2,
-            scale: float = 1.0, progress: bool = True) -> Path:
+            scale: float = 1.0, progress: bool = True, geometry_dirs: list[str | Path] | None = None) -> Path:
     """Convert between formats; the source kind is detected."""
     kind = detect_kind(src)
     if to not in ("calofm", "calochallenge", "parquet"):
         raise ValueError(f"--to must be calofm, calochallenge or parquet, not {to!r}")
     if kind == "calochallenge":
         native = calochallenge_to_native(src, dst if to == "calofm" else Path(dst).with_suffix(".tmp.h5"),
-                                         geometry=geometry or "par04_siw", progress=progress)
+                                         geometry=geometry or "par04_siw", progress=progress,
+                                         geometry_dirs=geometry_dirs)
     elif kind == "parquet":
         native = parquet_to_native(src, dst if to == "calofm" else Path(dst).with_suffix(".tmp.h5"),
-                                   geometry=geometry, progress=progress)
+                                   geometry=geometry, progress=progress, geometry_dirs=geometry_dirs)
     else:
         native = Path(src)
     try:

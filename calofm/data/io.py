@@ -196,6 +196,9 @@ class ShowerFile:
             with h5_errors(self.path):
                 self.n = check_structure(self._h5, self.path)
                 self.attrs = FileAttrs.from_h5(self._h5.attrs)
+            if tuple(self.attrs.mesh_shape) != MESH_SHAPE:
+                raise ShowerFileError(self.path, f"attribute mesh_shape = {list(self.attrs.mesh_shape)} but the "
+                                                 f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
             check_geometry(self.path, self.attrs, geometry)
         except ShowerFileError:
             self._h5.close()
@@ -203,6 +206,7 @@ class ShowerFile:
         self.geometry_name = geometry.name if geometry is not None else self.attrs.geometry
         self.check = check
         self._conditions: dict[str, np.ndarray] | None = None
+        self._showers: h5py.Dataset | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -242,9 +246,11 @@ class ShowerFile:
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         pos = 0
         with h5_errors(self.path):
+            if self._showers is None:  # one dataset handle: its chunk cache lives as long as the handle
+                self._showers = self._h5[SHOWERS]
             for run in np.split(uniq, breaks):
                 if run.size:
-                    showers[pos : pos + run.size] = self._h5[SHOWERS][run[0] : run[-1] + 1]
+                    showers[pos : pos + run.size] = self._showers[run[0] : run[-1] + 1]
                     pos += run.size
         out = np.empty((len(index), *MESH_SHAPE), dtype=np.float32)
         out[order] = showers[inverse]
@@ -258,11 +264,16 @@ class ShowerFile:
     def iter_chunks(self, rows: int = 4096, progress: bool = False, desc: str | None = None):
         """Yield (start, batch dict) over the whole file in order."""
         bar = tqdm(total=self.n, unit="shower", disable=not progress, desc=desc or self.path.name)
-        for start in range(0, self.n, rows):
-            batch = self.read(slice(start, min(start + rows, self.n)))
-            bar.update(len(batch[SHOWERS]))
-            yield start, batch
-        bar.close()
+        try:
+            for start in range(0, self.n, rows):
+                batch = self.read(slice(start, min(start + rows, self.n)))
+                bar.update(len(batch[SHOWERS]))
+                yield start, batch
+        except BaseException:
+            bar.leave = False  # the error line should stand alone, without a half-finished bar above it
+            raise
+        finally:
+            bar.close()
 
     def load(self) -> dict[str, np.ndarray]:
         """Everything in memory (26 kB per shower)."""
@@ -279,7 +290,7 @@ class ShowerFile:
 
     def __getstate__(self):  # picklable for DataLoader workers: reopen lazily in the child
         state = self.__dict__.copy()
-        state["_h5"] = None
+        state["_h5"] = state["_showers"] = None
         return state
 
     def __setstate__(self, state):
@@ -310,9 +321,21 @@ def read_showers(path: str | Path, geometry=None) -> dict[str, np.ndarray]:
         return f.load()
 
 
-def validate_file(path: str | Path, geometry=None, progress: bool = False) -> dict[str, Any]:
-    """Full check of a file (structure, every value, geometry); returns a small summary."""
+def validate_file(path: str | Path, geometry=None, progress: bool = False,
+                  geometry_dirs: list[str | Path] | None = None) -> dict[str, Any]:
+    """Full check of a file (structure, every value, geometry); returns a small summary.
+
+    Without ``geometry``, a recorded geometry that has a card (built in, ``geometry_dirs`` or
+    $CALOFM_GEOMETRY_DIR) is checked against it; one without a card is reported in ``note``."""
+    from calofm.geometry import available_geometries, load_geometry
+
+    note = ""
     with ShowerFile(path, geometry=geometry) as f:
+        if geometry is None and f.attrs.geometry:
+            if f.attrs.geometry in available_geometries(geometry_dirs):
+                check_geometry(f.path, f.attrs, load_geometry(f.attrs.geometry, geometry_dirs))
+            else:
+                note = f"no card for geometry '{f.attrs.geometry}' here: cell sizes not checked (see --geometry-dir)"
         cond = f.conditions()
         e_sum, n_hits, vmax = 0.0, 0, 0.0
         for _, batch in f.iter_chunks(rows=2048, progress=progress, desc=f"validate {Path(path).name}"):
@@ -333,4 +356,5 @@ def validate_file(path: str | Path, geometry=None, progress: bool = False) -> di
             "E_sum/E_inc": ratio,
             "hits_per_shower": n_hits / max(f.n, 1),
             "max_cell_MeV": vmax,
+            "note": note,
         }
