@@ -5,7 +5,8 @@ thicknesses), the material constants, the stochastic resolution term, the readou
 threshold, the ranges of its data and the scoring-mesh cell sizes. Everything
 effective (X0_eff, R_M_eff, critical energy, sampling fraction, e/mip, ...) is
 computed here with the PDG mixture rules and GFlash's sampling formulas, never
-copied from the card (physics.md §1.6, §2).
+copied from the card (PDG Atomic & Nuclear Properties; Geant4 11.4.0
+GFlashSamplingShowerParameterisation.cc).
 
 Search path for cards: ``--geometry-dir`` / ``CALOFM_GEOMETRY_DIR`` (``os.pathsep``
 separated) first, then the built-in cards. A user card with a built-in name wins.
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MESH_SHAPE = (9, 16, 45)  # (r, phi, z): the detector-agnostic scoring mesh of CaloDiT-2 / CaloChallenge DS2
 N_SLOTS = 8  # geometry one-hot slots in the foundation model (at least 8; spare ones are for adaptation)
-E_S = 21.2052  # MeV, scale energy of the Moliere radius (PDG; physics.md §1.7)
+E_S = 21.2052  # MeV, scale energy of the Moliere radius (PDG review §33.5, as in Geant4 Par03EMShowerModel.cc)
 GEOMETRY_ENV = "CALOFM_GEOMETRY_DIR"
 
 

@@ -65,7 +65,7 @@ def single_cell(r, phi, z, shape=MESH_SHAPE, value=7.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Voxel order (formats.md §3.2: DS2 flat = layer*144 + alpha*9 + r, DS3 flat = layer*900 + alpha*18 + r)
+# Voxel order (CaloChallenge README: DS2 flat = layer*144 + alpha*9 + r, DS3 flat = layer*900 + alpha*18 + r)
 # ----------------------------------------------------------------------------------------------
 
 cells = st.tuples(st.integers(0, 8), st.integers(0, 15), st.integers(0, 44))
@@ -83,7 +83,7 @@ def test_ds2_flat_index_of_a_single_cell(cell):
 
 
 @pytest.mark.parametrize("cell", [(0, 0, 0), (8, 0, 0), (0, 15, 0), (0, 0, 44), (8, 15, 44), (3, 5, 7)])
-def test_ds2_export_writes_the_cell_at_the_formats_md_index(tmp_path, cell):
+def test_ds2_export_writes_the_cell_at_the_calochallenge_index(tmp_path, cell):
     r, phi, z = cell
     src = tmp_path / "one.h5"
     write_showers(src, single_cell(r, phi, z), [5000.0], [0.0], [1.5], attrs=FileAttrs(energy_scale="deposited"))
@@ -98,7 +98,7 @@ def test_ds2_export_writes_the_cell_at_the_formats_md_index(tmp_path, cell):
 def test_ds3_import_puts_a_voxel_in_its_native_ring_layer_and_phi_overlap(cell):
     r3, a3, z = cell
     flat = np.zeros((1, 40500), np.float32)
-    flat[0, z * 900 + a3 * 18 + r3] = 1.0  # formats.md §3.2 DS3 order
+    flat[0, z * 900 + a3 * 18 + r3] = 1.0  # CaloChallenge DS3 order (README)
     fine = from_calochallenge_order(flat, 18, 50, 45)
     assert fine[0, r3, a3, z] == 1.0
     native = rebin_ds3_to_native(fine)[0]

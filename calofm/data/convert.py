@@ -1,6 +1,6 @@
 """Conversion between the native format, CaloChallenge 2022 files and Parquet (Hugging Face datasets).
 
-CaloChallenge (formats.md §3): ``incident_energies`` (N, 1) MeV and ``showers`` (N, V) MeV,
+CaloChallenge (CaloChallenge/homepage README.md): ``incident_energies`` (N, 1) MeV and ``showers`` (N, V) MeV,
 flattened layer-major with the radial bin fastest: ``flat = (z * n_alpha + alpha) * n_r + r``.
 The native order is (r, phi, z), so DS2 <-> native is an exact axis transpose. DS3 (18 x 50 x 45)
 is rebinned onto the 9 x 16 x 45 mesh: radial pairs merge exactly; phi bins are shared by
@@ -29,7 +29,9 @@ from calofm.geometry import MESH_SHAPE, load_geometry
 log = logging.getLogger(__name__)
 
 CC_MESHES = {6480: (9, 16, 45), 40500: (18, 50, 45)}  # voxels -> (n_r, n_alpha, n_z)
-CC_CELL_MM = (4.65, 3.4)  # DS2 (dr, dz) = the Par04 Si-W mesh; DS3 halves dr and is rebinned to it (formats.md §1)
+# DS2 (dr, dz) = the Par04 Si-W mesh; DS3 halves dr and is rebinned to it
+# (Geant4 11.4.0 Par04 common_settings_{low,high}gran.mac)
+CC_CELL_MM = (4.65, 3.4)
 N_CELLS = int(np.prod(MESH_SHAPE))
 
 

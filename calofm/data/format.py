@@ -1,6 +1,6 @@
 """The native shower file: the LEMURS / Geant4 Par04 HDF5 layout, plus calofm attributes.
 
-Datasets (formats.md §2.1):
+Datasets (as written by key4hep/DDML scripts/edm4hep2h5.py):
     showers           float32 (N, 9, 16, 45)  MeV, axes (r, phi, z)
     incident_energy   float32 (N,)            MeV
     incident_phi      float32 (N,)            rad

@@ -1,8 +1,9 @@
-"""The CaloChallenge binary classifier test (metrics.md §4): can a DNN tell generated from reference showers?
+"""The CaloChallenge binary classifier test: can a DNN tell generated from reference showers?
 
-Recipe: Linear(in, 2048)-LeakyReLU, 2 x [Linear(2048, 2048)-LeakyReLU], Linear(2048, 1); Adam lr 2e-4,
-batch 1000, 50 epochs; split 0.6/0.2/0.2 per class; keep the epoch with the best test accuracy; isotonic
-calibration fit on the test split; AUC and JSD = (log 2 - BCE) / log 2 on the validation split.
+Recipe (CaloChallenge/homepage code/evaluate.py): Linear(in, 2048)-LeakyReLU,
+2 x [Linear(2048, 2048)-LeakyReLU], Linear(2048, 1); Adam lr 2e-4, batch 1000, 50 epochs; split 0.6/0.2/0.2
+per class; keep the epoch with the best test accuracy; isotonic calibration fit on the test split; AUC and
+JSD = (log 2 - BCE) / log 2 on the validation split.
 """
 
 from __future__ import annotations

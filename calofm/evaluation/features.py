@@ -1,4 +1,4 @@
-"""Per-shower high-level features of the CaloChallenge (metrics.md §2) on the (r, phi, z) mesh.
+"""Per-shower high-level features of the CaloChallenge (code/HighLevelFeatures.py) on the (r, phi, z) mesh.
 
 A layer is one z slice of the mesh (45 of them). Cell coordinates come from the geometry of the
 file (``Geometry.cell_centres``): x = r_c cos(phi_c), y = r_c sin(phi_c) in mm, so features of

@@ -1,6 +1,6 @@
 """Histograms of the high-level features with CaloChallenge binning, separation power, chi2/ndf and W1.
 
-The CaloChallenge binning (metrics.md §3) is for DS2 in deposited energy. Two generalisations:
+The CaloChallenge binning (code/evaluate_plotting_helper.py) is for DS2 in deposited energy. Two generalisations:
 E_tot/E_inc uses ``linspace(0.5, 1.5, 101)`` times the reference median (our files hold visible energy,
 E_tot/E_inc ~ 0.025 for Si-W), and every millimetre range is scaled by r_max / 41.85 mm (the DS2 mesh
 radius), so a geometry with DS2 cells gets exactly the CaloChallenge bins.

@@ -23,7 +23,7 @@ class ZeroLinear(nn.Linear):
     """A Linear that the model's ``_init_weights`` sets to exactly zero (adaLN-Zero, final layer).
 
     A leaf type on purpose: transformers 5 skips container modules in ``post_init``, so zero-init
-    keyed on a block class would silently not happen (hf_stack.md §1 item 2).
+    keyed on a block class would silently not happen (huggingface/transformers#42418).
     """
 
 

@@ -1,7 +1,8 @@
 """GFlash shower parameters (Grindhammer-Peters, hep-ex/0001020) for sampling calorimeters.
 
 Formulas as in Geant4's GFlashSamplingShowerParameterisation and its tuning header
-(physics.md §1.2-1.4), with the unit slips fixed: the critical energy comes from X0 in
+(Geant4 11.4.0 source/parameterisations/gflash/, GFlashSamplingShowerParameterisation.cc,
+GFlashSamplingShowerTuning.hh), with the unit slips fixed: the critical energy comes from X0 in
 g/cm^2 (done in calofm.geometry), and the stochastic term is in GeV^1/2 (see shower.py).
 Every function is vectorised over showers (1-D tensors) or spots.
 """
@@ -32,7 +33,8 @@ class Medium:
 
 def longitudinal_means(ln_y: torch.Tensor, m: Medium) -> tuple[torch.Tensor, ...]:
     """<ln T>, <ln alpha>, sigma(ln T), sigma(ln alpha), rho for showers with ln y = ln(E/Ec)."""
-    # homogeneous fits, then the sampling corrections (physics.md §1.2); Geant4's clamps
+    # homogeneous fits (Geant4 GVFlashHomoShowerTuning.hh), then the sampling corrections
+    # (GFlashSamplingShowerTuning.hh); Geant4's clamps
     ln_t_hom = torch.log(torch.clamp(ln_y - 0.812, min=0.1))
     ln_a_hom = torch.log(torch.clamp(0.81 + (0.458 + 2.26 / m.Z) * ln_y, min=0.1))
     t_sam = torch.exp(ln_t_hom) - 0.55 / m.F_S - 0.69 * (1 - m.e_mip)
@@ -59,7 +61,10 @@ def draw_longitudinal(ln_y: torch.Tensor, m: Medium, gen: torch.Generator) -> tu
 
 
 def spot_profile(t_max: torch.Tensor, alpha: torch.Tensor, m: Medium) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gamma parameters (alpha_spot, beta_spot) of the spot density along the shower (physics.md §1.4)."""
+    """Gamma parameters (alpha_spot, beta_spot) of the spot density along the shower.
+
+    Geant4 GVFlashHomoShowerTuning.hh factors times those of GFlashSamplingShowerTuning.hh.
+    """
     t_spot = t_max * (0.698 + 0.00212 * m.Z) * (0.813 + 0.0019 * m.Z)
     a_spot = (alpha * (0.639 + 0.00334 * m.Z) * (0.844 + 0.0026 * m.Z)).clamp(min=1.1)
     return a_spot, (a_spot - 1) / t_spot

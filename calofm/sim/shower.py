@@ -40,7 +40,7 @@ from calofm.sim.gflash import (
 )
 
 N_CELLS = math.prod(MESH_SHAPE)
-PHOTON_CONVERSION_X0 = 9.0 / 7.0  # mean photon conversion depth in X0 (physics.md §1.4)
+PHOTON_CONVERSION_X0 = 9.0 / 7.0  # mean photon conversion depth in X0 (Geant4 GFlashHomoShowerParameterisation.cc)
 # Above this many spots a shower is simulated cell by cell (binned); below, spot by spot. The binned
 # cost is fixed by the 6480 cells, the spot cost grows with E^0.959 (crossover measured, benchmarks/simulate.py).
 BINNED_ABOVE_SPOTS = 3000

@@ -15,7 +15,7 @@ class JsonlTracker(GeneralTracker):
 
     The file is opened in ``start`` (called by ``init_trackers``), not in ``__init__``: decorating
     ``__init__`` with ``on_main_process`` would build Accelerate's state before the Accelerator
-    and silently turn a multi-process run into single-process ones (hf_stack.md §3).
+    and silently turn a multi-process run into single-process ones (seen with accelerate 1.15.0).
     """
 
     name = "jsonl"
