@@ -132,7 +132,7 @@ class ShowerGenerator:
             "geometry": torch.full((n,), self.slot(geometry), dtype=torch.long, device=dev),
         }
         # batch k's noise depends on (seed, k) only: files are reproducible and resumable
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)  # any int seed, even >= 2**62
         noise = torch.randn((n, *self.config.mesh_shape), generator=gen, dtype=torch.float64).to(dev)
         step_fn = heun_sample if sampler == "heun" else euler_sample
         autocast = precision == "bf16"
@@ -182,7 +182,7 @@ def conditions(args, geometry, n_default: int | None) -> dict[str, np.ndarray]:
     from calofm.sim.run import sample_conditions
 
     if args.like:
-        with ShowerFile(args.like, check=True) as f:
+        with ShowerFile(args.like, geometry=geometry, check=True) as f:  # another detector's file is an error
             cond = {k: v.copy() for k, v in f.conditions().items()}
         n = len(cond["incident_energy"]) if args.samples is None else args.samples
         if n > len(cond["incident_energy"]):

@@ -155,5 +155,13 @@ def test_generation(tmp_path, cache):
     assert a.shape == (2, 9, 16, 45)
     with pytest.raises(ValueError, match="not trained on geometry 'allegro'"):
         g.sample(10.0, 0.0, 1.5, "allegro", steps=1)
+    # no seed: fresh noise each call; any int seed works (torch generators take < 2**63)
+    c, d = (g.sample([20.0, 30.0], 0.1, 1.2, "par04_siw", steps=2) for _ in range(2))
+    assert c.shape == (2, 9, 16, 45) and not np.array_equal(c, d)
+    assert g.sample(20.0, 0.1, 1.2, "par04_siw", steps=1, seed=2**62 + 5).shape == (1, 9, 16, 45)
+    # --like takes conditions from a file of the same geometry only
+    assert cli(["generate", "--model", str(final), "--geometry", "par04_siw", "--like", str(ref), "--steps", "1",
+                "--out", str(tmp_path / "y.h5")]) == 2
+    assert not (tmp_path / "y.h5").exists()
     assert cli(["generate", "--model", str(final), "--geometry", "odd", "--samples", "2", "--out",
                 str(tmp_path / "x.h5")]) == 2

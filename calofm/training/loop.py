@@ -84,7 +84,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def micro_noise(x_shape, seed: int, micro: int, rank: int, world: int, precond, drop_p: float, device):
     """sigma, noise and condition-dropout mask of this process's slice of global micro-batch ``micro``."""
     global_b, per = x_shape[0] * world, x_shape[0]
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + micro)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + micro) % 2**63)
     proto = torch.empty(global_b, *x_shape[1:])
     sigma, noise = draw_sigma_noise(proto, gen, precond.P_mean, precond.P_std)
     drop = torch.rand(global_b, generator=gen) < drop_p
