@@ -12,10 +12,11 @@ architecture from random weights, the comparison the foundation model has to win
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
-import sys
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from calofm.cli import add_geometry_dir, parse_count
+from calofm.cli import add_geometry_dir, parse_count, run_reporting_errors
 from calofm.config import build, to_dict
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,16 @@ def lora_wrap(net: nn.Module, slot: int, rank: int, alpha: float | None):
 
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
                         trainable_token_indices={"geometry_embed": [slot]})
-    with warnings.catch_warnings():  # peft 0.21 calls transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with quiet_peft():
         return get_peft_model(net, config)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 calls transformers' deprecated ``is_gradient_checkpointing``: hide that FutureWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def _load_base(base: str, geometry, dtype=torch.float32):
@@ -176,7 +184,9 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
         n_all = sum(p.numel() for p in net.parameters())
         log.info("adapting to %s (slot %d) with %s: %d of %d parameters trainable", geometry.name, slot, a.kind,
                  n_train, n_all)
+        local = Path(a.base).expanduser()
         build_model.info = {"geometry": geometry.name, "slot": slot, "base": str(a.base), "method": a.kind,
+                            "base_path": str(local.resolve()) if local.is_dir() else None,
                             "fingerprint": fingerprint(path), "threshold": geometry.card.threshold,
                             "rank": a.rank if a.kind == "lora" else None, "trainable_parameters": n_train,
                             "total_parameters": n_all}
@@ -189,7 +199,10 @@ def save_adapted(a: AdaptConfig, build_model):
     def save(net: nn.Module, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         net.save_pretrained(out)
-        (out / ADAPTER_FILE).write_text(json.dumps({**build_model.info, "config": to_dict(a)}, indent=1))
+        info = dict(build_model.info)
+        if info["base_path"]:  # found again from anywhere, and after moving base and adapter together
+            info["base_relative"] = os.path.relpath(info["base_path"], out.resolve())
+        (out / ADAPTER_FILE).write_text(json.dumps({**info, "config": to_dict(a)}, indent=1))
         if a.merge:
             merged = merge(net)
             merged.save_pretrained(out.parent / "merged")
@@ -205,6 +218,15 @@ def merge(peft_model) -> nn.Module:
     return copy.deepcopy(peft_model).merge_and_unload()
 
 
+def base_of(adapter: Path, info: dict) -> str:
+    """Where an adapter's base model is: next to the adapter as it was when trained, at its absolute
+    path, else as given at training time (a Hub repo id, or a path from the working directory)."""
+    for key, root in (("base_relative", adapter), ("base_path", Path("/"))):
+        if info.get(key) and (root / info[key]).is_dir():
+            return str(root / info[key])
+    return info["base"]
+
+
 def load_adapted(path: str | Path, dtype=torch.float32, merged: bool = True) -> nn.Module:
     """Base model + adapter folder; merged into a plain CaloDiTModel unless ``merged=False`` (a PeftModel)."""
     from peft import PeftModel
@@ -217,13 +239,14 @@ def load_adapted(path: str | Path, dtype=torch.float32, merged: bool = True) -> 
         raise ValueError(f"{path}: {ADAPTER_FILE} is missing (not a calofm adapter)")
     info = json.loads(info_file.read_text())
     geometry = load_geometry(info["geometry"])
-    net, base_path = _load_base(info["base"], geometry, dtype=dtype)
+    net, base_path = _load_base(base_of(path, info), geometry, dtype=dtype)
     if fingerprint(base_path) != info["fingerprint"]:
         raise ValueError(f"{path}: adapter was trained on a different base model than {info['base']} "
                          f"(weights fingerprint differs)")
     net.config.geometry_slots = {**net.config.geometry_slots, info["geometry"]: int(info["slot"])}
     net.config.geometry_thresholds = {**net.config.geometry_thresholds, info["geometry"]: float(info["threshold"])}
-    model = PeftModel.from_pretrained(net, path)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(net, path)
     model.eval()
     return model.merge_and_unload() if merged else model
 
@@ -297,8 +320,4 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="recipes/adapt.py", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as err:
-        print(f"adapt: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("adapt", lambda: run(args))

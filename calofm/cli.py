@@ -103,17 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
+    return run_reporting_errors(f"calofm {args.command}", lambda: module.run(args), traceback=args.verbose > 1)
+
+
+def run_reporting_errors(prog: str, fn, traceback: bool = False) -> int:
+    """Exit code of ``fn()``; bad input (ValueError, OSError, KeyError) is one line on stderr and exit 2,
+    Ctrl-C exit 130. ``traceback=True`` re-raises instead (``-vv``)."""
     try:
-        return int(module.run(args) or 0)
+        return int(fn() or 0)
     except KeyboardInterrupt:
-        print("calofm: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError) as err:
-        # one-line errors for bad input; --verbose -v shows the traceback
-        if args.verbose > 1:
+        if traceback:
             raise
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"calofm {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,7 @@ from train_helpers import reset_accelerate, run, tiny_config
 from calofm.adapt import ADAPTER_FILE, AdaptConfig, assign_slot, load_adapted, lora_wrap
 from calofm.cli import main as cli
 from calofm.geometry import load_geometry
-from calofm.models import CaloDiTModel
+from calofm.models import CaloDiTConfig, CaloDiTModel
 from calofm.training.tracking import read_metrics
 
 
@@ -71,7 +71,7 @@ def test_lora_is_a_noop_at_init_and_disabling_it_restores_the_base(base):
     assert changed.tolist() == [i == slot for i in range(8)]
 
 
-def test_lora_adaptation_run_round_trips(tmp_path, base, cache):
+def test_lora_adaptation_run_round_trips(tmp_path, base, cache, monkeypatch):
     out = tmp_path / "lora"
     assert adapt(tmp_path, base, cache, "--out", str(out), "--rank", "4", "--merge") == 0
     adapter, merged_dir = out / "model", out / "merged"
@@ -105,6 +105,12 @@ def test_lora_adaptation_run_round_trips(tmp_path, base, cache):
 
     s = calofm.load(adapter, device="cpu").sample(10.0, 0.0, 1.5, "allegro", steps=2, seed=0)
     assert s.shape == (1, 9, 16, 45)
+    # the base is found from any working directory, also when only its place relative to the adapter holds
+    assert Path(info["base_path"]).is_absolute() and (adapter / info["base_relative"]).resolve() == Path(base).resolve()
+    (adapter / ADAPTER_FILE).write_text(json.dumps({**info, "base": "moved/away", "base_path": "/nowhere"}))
+    monkeypatch.chdir(tmp_path.parent)
+    np.testing.assert_array_equal(calofm.load(adapter, device="cpu").sample(10.0, 0.0, 1.5, "allegro", steps=2,
+                                                                            seed=0), s)
 
 
 def test_full_and_scratch_runs_and_cache_reuse(tmp_path, base, cache, caplog):
@@ -133,6 +139,14 @@ def test_errors_are_one_line(tmp_path, base, cache, capsys):
                   np.full(600, 1.5, "f4"), attrs=FileAttrs(mesh_dr=7.0))
     assert adapt(tmp_path, base, cache, "--data", str(bad), "--out", str(tmp_path / "x")) == 2
     assert "mesh mismatch" in capsys.readouterr().err
+    # a base model on another mesh
+    coarse = tmp_path / "coarse"
+    net = CaloDiTModel.from_pretrained(base)
+    CaloDiTModel(CaloDiTConfig(**{**net.config.to_dict(), "mesh_shape": (9, 16, 30)})).save_pretrained(coarse)
+    capsys.readouterr()
+    assert adapt(tmp_path, coarse, cache, "--out", str(tmp_path / "w")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"calofm adapt: error: {coarse}: mesh (9, 16, 30) does not match the data mesh (9, 16, 45)")
     # a base without spare slots
     full_base = tmp_path / "fullbase"
     net = CaloDiTModel.from_pretrained(base)
@@ -150,7 +164,7 @@ def test_errors_are_one_line(tmp_path, base, cache, capsys):
     net.save_pretrained(other)
     info_path = tmp_path / "z" / "model" / ADAPTER_FILE
     info = json.loads(info_path.read_text())
-    info_path.write_text(json.dumps({**info, "base": str(other)}))
+    info_path.write_text(json.dumps({**info, "base": str(other), "base_path": str(other), "base_relative": None}))
     with pytest.raises(ValueError, match="different base model"):
         load_adapted(tmp_path / "z" / "model")
     assert cli(["generate", "--model", str(tmp_path / "z" / "model"), "--geometry", "allegro", "--samples", "1",

@@ -110,6 +110,11 @@ def test_bad_configs_are_errors(tmp_path, capsys):
     assert main(["--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     assert main(["--optim.schedule", "linear"]) == 2
+    missing = tmp_path / "nope.h5"  # bad input found while training is one line too, not a traceback
+    capsys.readouterr()
+    assert main(["--output_dir", str(tmp_path / "run"), "--data.sources",
+                 f"[{{geometry: odd, files: [{missing}]}}]"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"pretrain: error: {missing}: file not found"
     # the embedded default is a valid config and is the documented demo
     default = to_dict(TrainConfig())
     assert default["model"]["preset"] == "small"

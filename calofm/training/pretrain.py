@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from torch import nn
 
+from calofm.cli import run_reporting_errors
 from calofm.config import build
 from calofm.preprocess import ShowerPreprocessor
 from calofm.training.config import TrainConfig
@@ -68,10 +68,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def pretrain() -> int:
         cfg = parse(argv)
-    except ValueError as err:
-        print(f"pretrain: error: {err}", file=sys.stderr)
-        return 2
-    train(cfg, Setup(build=build_pretrain_model(cfg), save=save_pretrained))
-    return 0
+        train(cfg, Setup(build=build_pretrain_model(cfg), save=save_pretrained))
+        return 0
+
+    return run_reporting_errors("pretrain", pretrain)
