@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_helpers import ROOT, run, tiny_config
+from train_helpers import ROOT, reset_accelerate, run, tiny_config
 
 from calofm.config import ConfigError, build, to_dict
 from calofm.data.io import ShowerFile, read_showers
@@ -58,6 +58,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
     assert run(tiny_config(part, cache, stop_at=5)) is None  # interrupted after step 5, checkpoint written
     assert (part / "checkpoints").is_dir() and not (part / "model").exists()
     run(tiny_config(part, cache))  # same command again: resumes at step 6
+    # steps 1-5 were not trained again (a restart from scratch would log them twice)
+    steps = [r["step"] for r in read_metrics(part / "logs" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 13))
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-5)
@@ -66,6 +69,55 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
     wa, wb = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_logs_the_mean_of_its_micro_batches_also_to_tensorboard(tmp_path, cache, monkeypatch):
+    import calofm.training.loop as loop
+
+    micro_losses, real = [], loop.edm_loss
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if torch.is_grad_enabled():  # training micro-steps, not validation
+            micro_losses.append((out.shape[0], float(out.detach().mean())))
+        return out
+
+    monkeypatch.setattr(loop, "edm_loss", spy)
+    out = tmp_path / "accum"
+    run(tiny_config(out, cache, steps=4, grad_accum=2, val_every=100, tensorboard=True))
+    recs = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
+    events = list(out.rglob("events.out.tfevents.*"))  # TensorBoard too (tensorboardX is a dev dependency)
+    assert any(b"samples_per_s" in e.read_bytes() for e in events)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # optimiser steps, not micro-steps
+    assert [n for n, _ in micro_losses] == [8] * 8  # batch 16 in two micro-batches of 8
+    expected = [(micro_losses[2 * i][1] + micro_losses[2 * i + 1][1]) / 2 for i in range(4)]
+    np.testing.assert_allclose([r["loss"] for r in recs], expected, rtol=1e-6)
+
+
+def test_bf16_mixed_precision_is_used_for_training_and_the_model_saves_in_float32(tmp_path, cache):
+    from calofm.config import from_dict
+    from calofm.training.loop import Setup, train
+    from calofm.training.pretrain import build_pretrain_model, save_pretrained
+
+    cfg = from_dict(TrainConfig, tiny_config(tmp_path / "bf16", cache, steps=2, val_every=100,
+                                              mixed_precision="bf16"))
+    dtypes = set()
+    build = build_pretrain_model(cfg)
+
+    def build_and_watch(data):
+        net, pre = build(data)
+        net.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+        return net, pre
+
+    reset_accelerate()
+    final = train(cfg, Setup(build=build_and_watch, save=save_pretrained))
+    assert dtypes == {torch.bfloat16}
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {torch.float32}
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(final.parent / "logs" / "metrics.jsonl") if "loss" in r)
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        from_dict(TrainConfig, tiny_config(tmp_path / "x", cache, mixed_precision="fp8"))
 
 
 def _launch(cfg: dict, tmp_path: Path, procs: int) -> Path:

@@ -80,6 +80,8 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
     stop_at: int | None = None  # end this invocation after this step, with a checkpoint (time-sliced jobs)
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    # None: as `accelerate launch --mixed_precision ...` (or `accelerate config`) says; a value here wins
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

@@ -117,6 +117,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     out = Path(cfg.output_dir)
     acc = accelerator or Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
         log_with=trackers(out, cfg.tensorboard),
         project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=True,
                                             total_limit=cfg.keep_checkpoints),
@@ -156,7 +157,8 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
         _validate_and_log(acc, model, ema, pre, data, setup, 0)
     model.train()
     micro = state.step * cfg.grad_accum
-    t_wait, t_last = 0.0, time.perf_counter()
+    t_wait, t_last, last_logged = 0.0, time.perf_counter(), state.step
+    loss_sum = torch.zeros((), device=acc.device)  # over the micro-batches of one optimiser step
     batches = iter(loader)
     while state.step < cfg.steps:
         t0 = time.perf_counter()
@@ -171,6 +173,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
             with acc.autocast():
                 loss = edm_loss(precond, x, cond, sigma=sigma, noise=noise).mean()
             acc.backward(loss)
+            loss_sum += loss.detach().float()
             grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip) if acc.sync_gradients else None
             opt.step()
             opt.zero_grad()
@@ -181,15 +184,17 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
         ema.update(acc.unwrap_model(model))
         state.step += 1
         bar.update(1)
-        loss_avg = acc.gather(loss.detach()[None]).mean().item()
+        loss_avg = acc.gather((loss_sum / cfg.grad_accum)[None]).mean().item()  # the global batch's loss
+        loss_sum.zero_()
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             now = time.perf_counter()
             elapsed = now - t_last
             record = {"loss": loss_avg, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "samples_per_s": cfg.batch_size * cfg.log_every / elapsed, "data_wait": t_wait / elapsed}
+                      "samples_per_s": cfg.batch_size * (state.step - last_logged) / elapsed,
+                      "data_wait": t_wait / elapsed}
             acc.log(record, step=state.step)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-            t_wait, t_last = 0.0, now
+            t_wait, t_last, last_logged = 0.0, now, state.step
         if state.step % cfg.val_every == 0 or state.step == cfg.steps:
             _validate_and_log(acc, model, ema, pre, data, setup, state.step)
         if state.step == cfg.stop_at and state.step < cfg.steps:

@@ -1,4 +1,5 @@
-"""Offline experiment tracking: a JSON-lines tracker for Accelerate (TensorBoard is added when installed)."""
+"""Offline experiment tracking: a JSON-lines tracker for Accelerate (TensorBoard is added when `tensorboard`
+or `tensorboardX` is installed: `pip install calofm[tensorboard]`)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class JsonlTracker(GeneralTracker):
 
 def trackers(output_dir: str | os.PathLike, tensorboard: bool = True) -> list:
     out = [JsonlTracker("calofm", Path(output_dir) / "logs")]
-    if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+    if tensorboard and any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX")):
         out.append("tensorboard")
     return out
 
