@@ -54,7 +54,6 @@ def fidelity_fn(geometry: str, reference: dict, steps: int):
 def run_one(geometry, size, method, base, out, args, reference) -> dict:
     from calofm.adapt import AdaptConfig, build_adapt_model, save_adapted, train_config
     from calofm.training.loop import Setup, train
-    from calofm.training.tracking import read_metrics
 
     a = AdaptConfig(geometry=geometry, base=str(base), method="full" if method != "lora" else "lora",
                     from_scratch=method == "scratch", samples=size, val_samples=300, steps=args.steps,
@@ -65,10 +64,18 @@ def run_one(geometry, size, method, base, out, args, reference) -> dict:
     t0 = time.perf_counter()
     train(train_config(a), Setup(build=build_model, save=save_adapted(a, build_model),
                                  evaluate=fidelity_fn(geometry, reference, args.sample_steps)))
+    return {**collect(out, geometry), "wall_s": time.perf_counter() - t0}
+
+
+def collect(out: Path, geometry: str) -> dict:
+    """A finished run's curves (validation loss, fidelity) and trainable-parameter count, from its folder."""
+    from calofm.adapt import ADAPTER_FILE
+    from calofm.training.tracking import read_metrics
+
     recs = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if f"val/{geometry}" in r]
+    info = json.loads((out / "model" / ADAPTER_FILE).read_text())
     return {"steps": [r["step"] for r in recs], "val": [r[f"val/{geometry}"] for r in recs],
-            "fidelity": [r["fidelity"] for r in recs], "trainable": build_model.info["trainable_parameters"],
-            "wall_s": time.perf_counter() - t0}
+            "fidelity": [r["fidelity"] for r in recs], "trainable": info["trainable_parameters"]}
 
 
 def steps_to_reach(steps, values, target) -> float | None:
@@ -83,22 +90,54 @@ def steps_to_reach(steps, values, target) -> float | None:
 
 
 def table(results: dict) -> str:
+    """Per geometry and data size: curves of each method and the steps it needs to reach scratch's final quality."""
     lines = []
+    fmt = lambda x: "never" if x is None else f"{x:.0f}"  # noqa: E731
     for (geometry, size), runs in results.items():
-        scratch = runs["scratch"]
-        lines.append(f"\n{geometry}, {size} training showers (scratch final: val {scratch['val'][-1]:.4f}, "
-                     f"fidelity {scratch['fidelity'][-1]:.4f})")
-        steps = runs["scratch"]["steps"]
+        scratch = runs.get("scratch")
+        head = f"\n{geometry}, {size} training showers"
+        if scratch:
+            head += f" (scratch final: val {scratch['val'][-1]:.4f}, fidelity {scratch['fidelity'][-1]:.4f})"
+        lines.append(head)
+        steps = next(iter(runs.values()))["steps"]
         lines.append(f"{'method':>8} {'trainable':>10} " + " ".join(f"{'val@' + str(s):>9}" for s in steps)
                      + " " + " ".join(f"{'fid@' + str(s):>9}" for s in steps)
-                     + f" {'steps->scratch val':>18} {'steps->scratch fid':>18}")
-        for method in METHODS:
+                     + (f" {'steps->scratch val':>18} {'steps->scratch fid':>18}" if scratch else ""))
+        for method in (m for m in METHODS if m in runs):
             r = runs[method]
-            reach_v = steps_to_reach(r["steps"], r["val"], scratch["val"][-1])
-            reach_f = steps_to_reach(r["steps"], r["fidelity"], scratch["fidelity"][-1])
-            fmt = lambda x: "never" if x is None else f"{x:.0f}"  # noqa: E731
-            lines.append(f"{method:>8} {r['trainable']:>10,} " + " ".join(f"{v:9.4f}" for v in r["val"]) + " "
-                         + " ".join(f"{v:9.4f}" for v in r["fidelity"]) + f" {fmt(reach_v):>18} {fmt(reach_f):>18}")
+            row = (f"{method:>8} {r['trainable']:>10,} " + " ".join(f"{v:9.4f}" for v in r["val"]) + " "
+                   + " ".join(f"{v:9.4f}" for v in r["fidelity"]))
+            if scratch:
+                reach_v = steps_to_reach(r["steps"], r["val"], scratch["val"][-1])
+                reach_f = steps_to_reach(r["steps"], r["fidelity"], scratch["fidelity"][-1])
+                row += f" {fmt(reach_v):>18} {fmt(reach_f):>18}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def data_table(results: dict) -> str:
+    """Final quality of every (method, data size) per geometry, and the least data each adapted method needs to
+    match scratch trained on each size: the 'far less data' half of the claim."""
+    lines = []
+    for geometry in dict.fromkeys(g for g, _ in results):
+        runs = {(m, size): r for (g, size), by_m in results.items() if g == geometry for m, r in by_m.items()}
+        if not runs:
+            continue
+        lines.append(f"\n{geometry}: final quality by training-set size (same steps for every run)")
+        lines.append(f"{'method':>8} {'showers':>8} {'val':>8} {'fidelity':>9}")
+        for (m, size), r in sorted(runs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+            lines.append(f"{m:>8} {size:>8} {r['val'][-1]:8.4f} {r['fidelity'][-1]:9.4f}")
+        for (m, size), r in sorted(runs.items(), key=lambda kv: kv[0][1]):
+            if m != "scratch":
+                continue
+            for method in ("lora", "full"):
+                enough = [s for (mm, s), rr in runs.items() if mm == method and rr["val"][-1] <= r["val"][-1]
+                          and rr["fidelity"][-1] <= r["fidelity"][-1]]
+                what = "no size run"
+                if enough:
+                    what = f"{min(enough)} showers" + (f" ({size / min(enough):.0f}x less data)" if min(enough) < size
+                                                       else " (the same data)")
+                lines.append(f"  {method} matches scratch@{size} (val and fidelity) with {what}")
     return "\n".join(lines)
 
 
@@ -111,7 +150,7 @@ def plot(results: dict, path: Path) -> None:
     keys = list(results)
     fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 6.5), squeeze=False)
     for j, key in enumerate(keys):
-        for method in METHODS:
+        for method in (m for m in METHODS if m in results[key]):
             r = results[key][method]
             axes[0, j].plot(r["steps"], r["val"], marker="o", label=method)
             axes[1, j].plot(r["steps"], r["fidelity"], marker="o", label=method)
@@ -136,7 +175,24 @@ def main() -> None:
     ap.add_argument("--reference-samples", type=int, default=400)
     ap.add_argument("--out", default="runs/bench_adapt")
     ap.add_argument("--cache", default=None, help="simulated data cache")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                    help="e.g. only 'scratch' at larger sizes, to compare with adapted runs on less data")
+    ap.add_argument("--tables", nargs="*", metavar="DIR",
+                    help="no training: print the tables of earlier benchmark output folders together")
     args = ap.parse_args()
+    if args.tables:
+        results = {}
+        for root in map(Path, args.tables):
+            for run in sorted(p for p in root.iterdir() if (p / "logs" / "metrics.jsonl").exists()):
+                geometry, size, method = run.name.rsplit("_", 2)
+                results.setdefault((geometry, int(size)), {})[method] = collect(run, geometry)
+        results = dict(sorted(results.items()))
+        if not results:
+            raise SystemExit(f"no finished runs (<geometry>_<size>_<method>/) in {args.tables}")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot(results, Path(args.out) / "adaptation.png")
+        print("=== adaptation benchmark ===" + table(results) + "\n" + data_table(results))
+        return
     out = Path(args.out)
     base = Path(args.base) if args.base else None
     if base is None:
@@ -156,9 +212,10 @@ def main() -> None:
         reference = simulate(geometry, args.reference_samples, seed=777)
         for size in args.sizes:
             results[(geometry, size)] = {
-                m: run_one(geometry, size, m, base, out / f"{geometry}_{size}_{m}", args, reference) for m in METHODS}
+                m: run_one(geometry, size, m, base, out / f"{geometry}_{size}_{m}", args, reference)
+                for m in METHODS if m in args.methods}
             print(table({(geometry, size): results[(geometry, size)]}), flush=True)
-    print("\n=== adaptation benchmark ===" + table(results))
+    print("\n=== adaptation benchmark ===" + table(results) + "\n" + data_table(results))
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "adaptation.png")
     (out / "adaptation.json").write_text(json.dumps({f"{g}_{s}": v for (g, s), v in results.items()}, indent=1))
