@@ -1,11 +1,16 @@
-"""Evaluation building blocks: features on hand-made showers, separation power, binning, FPD/KPD maths."""
+"""Evaluation building blocks: features on hand-made showers, separation power, binning, FPD/KPD maths,
+the classifier's best-epoch selection and isotonic calibration."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 from scipy import linalg
+from sklearn.metrics import roc_auc_score
 
+from calofm.evaluation import classifier as cls_mod
 from calofm.evaluation import fpd as fpd_mod
 from calofm.evaluation.features import apply_threshold, energy_masks, high_level_vector, shower_features
 from calofm.evaluation.histograms import SPECS, bin_edges, chi2_ndf, separation_power
@@ -183,3 +188,164 @@ def test_mmd_matches_direct_computation_and_kpd_behaviour():
                                        batch_size=1000)
     assert abs(same) < 3 * same_err + 1e-4
     assert shifted > 3 * shifted_err and shifted > 10 * abs(same)
+
+
+# Exact population MMD^2 for two discrete distributions in d = 2 (kernel (a.b/2 + 1)^4, a.b/2 in {1/2, 0, -1/2},
+# so k in {81/16, 1, 1/16}): X uniform on {e1, e2}, Y uniform on {e1, -e1}.
+# E k(x, x') = (81/16 + 1)/2 = 97/32; E k(y, y') = (81/16 + 1/16)/2 = 82/32; E k(x, y) = (81/16 + 1/16 + 1 + 1)/4
+# = 57/32; MMD^2 = 97/32 + 82/32 - 2 * 57/32 = 65/32. (Degree 3 would give 19/16; the V-statistic that keeps
+# the diagonal is biased up by (k(x,x) - E k(x,x'))/m + (k(y,y) - E k(y,y'))/n = 65/32/m + 80/32/n.)
+X_SUPPORT = np.array([[1.0, 0.0], [0.0, 1.0]])
+Y_SUPPORT = np.array([[1.0, 0.0], [-1.0, 0.0]])
+MMD2_EXACT = 65 / 32
+
+
+def test_mmd_estimator_is_unbiased_for_a_discrete_closed_form():
+    k = lambda a, b: (a @ b.T / 2 + 1) ** 4  # noqa: E731
+    enumerated = k(X_SUPPORT, X_SUPPORT).mean() + k(Y_SUPPORT, Y_SUPPORT).mean() - 2 * k(X_SUPPORT, Y_SUPPORT).mean()
+    assert enumerated == pytest.approx(MMD2_EXACT, rel=1e-12)  # the hand derivation above
+    # batches of 10 straight from the population: the mean is 65/32 (the biased V-statistic would give ~2.49)
+    rng = np.random.default_rng(6)
+    values = [fpd_mod.mmd_poly_unbiased(X_SUPPORT[rng.integers(0, 2, 10)], Y_SUPPORT[rng.integers(0, 2, 10)])
+              for _ in range(4000)]
+    sem = np.std(values) / np.sqrt(len(values))  # ~0.017
+    assert abs(np.mean(values) - MMD2_EXACT) < 4 * sem < 0.1
+
+
+def test_kpd_median_converges_to_the_discrete_closed_form():
+    rng = np.random.default_rng(7)
+    real = X_SUPPORT[rng.integers(0, 2, 20_000)]  # max|x| = 1 per feature: the normalisation is the identity
+    gen = Y_SUPPORT[rng.integers(0, 2, 20_000)]
+    value, err = fpd_mod.kpd(real, gen, batch_size=500)
+    assert abs(value - MMD2_EXACT) < max(3 * err, 0.05 * MMD2_EXACT)
+    assert abs(value - MMD2_EXACT) < 0.1 * MMD2_EXACT  # a degree-3 kernel (19/16) is far outside
+    assert 0 < err < 0.1 * MMD2_EXACT
+    # the same data in another unit: normalised by the reference max|x| first, so KPD does not change
+    assert fpd_mod.kpd(50 * real, 50 * gen, batch_size=500) == pytest.approx((value, err), rel=1e-9)
+
+
+def test_kpd_reports_the_median_and_half_the_central_68_percent_range(monkeypatch):
+    batches = iter([10.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    monkeypatch.setattr(fpd_mod, "mmd_poly_unbiased", lambda x, y, degree: next(batches))
+    value, err = fpd_mod.kpd(np.ones((20, 2)), np.ones((20, 2)), batch_size=5)
+    # sorted 1..10: percentile p sits at rank p/100 * 9 -> 16.275 % = 2.46475, 83.725 % = 8.53525 (linear)
+    assert value == 5.5 and err == pytest.approx((8.53525 - 2.46475) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier: best-epoch selection, isotonic calibration
+# ---------------------------------------------------------------------------------------------
+
+TINY_CLS = cls_mod.ClassifierConfig(hidden=8, n_hidden_layers=0, epochs=6, batch_size=10, lr=0.05, device="cpu")
+
+
+def _scripted_predict(monkeypatch, accuracies, y_test):
+    """Replace the classifier's test-split prediction: epoch i scores ``accuracies[i]``; record the weights seen."""
+    seen = []
+
+    def predict(model, x, device, batch=4096):
+        acc = accuracies[len(seen)]
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        wrong = int(round((1 - acc) * len(y_test)))
+        p = np.where(y_test > 0.5, 0.9, 0.1)
+        p[:wrong] = 1 - p[:wrong]
+        return p
+
+    monkeypatch.setattr(cls_mod, "_predict", predict)
+    return seen
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_best_epoch_is_the_one_with_the_highest_test_accuracy(monkeypatch):
+    rng = np.random.default_rng(8)
+    train = (rng.standard_normal((40, 3)).astype(np.float32), (rng.random(40) < 0.5).astype(np.float32))
+    test = (rng.standard_normal((10, 3)).astype(np.float32), np.repeat([1.0, 0.0], 5).astype(np.float32))
+    seen = _scripted_predict(monkeypatch, [0.6, 0.9, 0.7, 0.8, 0.5, 0.9], test[1])
+    model, acc = cls_mod.train_classifier(train, test, TINY_CLS, seed=0)
+    assert len(seen) == 6 and acc == pytest.approx(0.9)
+    assert not _same_weights(seen[1], seen[-1])  # training moved on, so the restore below means something
+    # the first epoch at 0.9: the later tie does not replace it (strict >, as in CaloChallenge evaluate.py)
+    assert _same_weights(model.state_dict(), seen[1])
+
+    seen = _scripted_predict(monkeypatch, [0.5, 1.0, 0.6, 0.6, 0.6, 0.6], test[1])
+    model, acc = cls_mod.train_classifier(train, test, TINY_CLS, seed=0)
+    assert len(seen) == 2 and acc == 1.0  # stops as soon as the test split is separated perfectly
+    assert _same_weights(model.state_dict(), seen[1])
+
+
+def test_returned_model_reproduces_the_best_recorded_accuracy(monkeypatch):
+    """Real training (no stub): the returned accuracy is the best epoch's, and the returned model scores it."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    y = (x[:, 0] + 0.8 * rng.standard_normal(300) > 0).astype(np.float32)  # learnable but noisy
+    train, test = (x[:200], y[:200]), (x[200:], y[200:])
+    history, real_predict = [], cls_mod._predict
+
+    def spy(model, xs, device, batch=4096):
+        p = real_predict(model, xs, device, batch)
+        history.append(float(np.mean((p > 0.5) == (test[1] > 0.5))))
+        return p
+
+    monkeypatch.setattr(cls_mod, "_predict", spy)
+    model, acc = cls_mod.train_classifier(train, test, TINY_CLS, seed=1)
+    assert acc == max(history) and len(history) == TINY_CLS.epochs
+    assert float(np.mean((real_predict(model, test[0], "cpu") > 0.5) == (test[1] > 0.5))) == acc
+
+
+def _spy_calibrated(monkeypatch) -> dict:
+    """Record the calibrated validation probabilities that ``calibrated_scores`` passes to sklearn's log_loss."""
+    import sklearn.metrics
+
+    seen, log_loss = {}, sklearn.metrics.log_loss
+
+    def spy(y_true, y_pred, **kwargs):
+        seen["p"] = np.asarray(y_pred)
+        return log_loss(y_true, y_pred, **kwargs)
+
+    monkeypatch.setattr(sklearn.metrics, "log_loss", spy)
+    return seen
+
+
+def test_isotonic_calibration_recovers_the_true_frequencies(monkeypatch):
+    # raw score s ~ U(0, 1) but P(reference | s) = s^3: badly miscalibrated, rank order right
+    rng = np.random.default_rng(10)
+
+    def draw(n):
+        s = rng.random(n)
+        return s, (rng.random(n) < s**3).astype(np.float64)
+
+    (p_test, y_test), (p_val, y_val) = draw(20_000), draw(20_000)
+    seen = _spy_calibrated(monkeypatch)
+    res = cls_mod.calibrated_scores(p_test, y_test, p_val, y_val)
+    cal = seen["p"]
+    assert np.all(np.diff(cal[np.argsort(p_val)]) >= 0)  # monotone in the raw score
+    assert cal.min() >= 1e-6 and cal.max() <= 1 - 1e-6
+    assert np.mean(np.abs(cal - p_val**3)) < 0.02  # maps the raw score to the true probability
+    for lo in np.linspace(0, 0.8, 5):  # reliability: observed frequency = predicted probability per bin
+        m = (cal >= lo) & (cal < lo + 0.2)
+        assert abs(y_val[m].mean() - cal[m].mean()) < 0.03
+    # BCE of the calibrated scores -> the conditional entropy E[H(s^3)] (0.3339 by quadrature); raw BCE ~0.53
+    s = (np.arange(100_000) + 0.5) / 100_000
+    q = s**3
+    entropy = float(np.mean(-(q * np.log(q) + (1 - q) * np.log1p(-q))))
+    assert res["bce"] == pytest.approx(entropy, abs=0.01)
+    assert res["jsd"] == pytest.approx((math.log(2) - res["bce"]) / math.log(2), rel=1e-12)
+    # a monotone map keeps the ranking: only the isotonic steps' ties move the AUC, and little
+    assert abs(res["auc"] - roc_auc_score(y_val, p_val)) < 0.01 and res["auc"] > 0.85
+
+
+def test_calibration_bounds_keep_a_wrong_certain_prediction_finite(monkeypatch):
+    # test split perfectly separated; one validation reference shower scores below every generated one
+    p_test = np.r_[np.linspace(0.6, 1.0, 50), np.linspace(0.0, 0.4, 50)]
+    y_test = np.r_[np.ones(50), np.zeros(50)]
+    p_val = np.r_[0.01, np.linspace(0.6, 1.0, 49), np.linspace(0.0, 0.4, 50)]
+    y_val = y_test.copy()
+    seen = _spy_calibrated(monkeypatch)
+    res = cls_mod.calibrated_scores(p_test, y_test, p_val, y_val)
+    np.testing.assert_array_equal(seen["p"], np.r_[1e-6, np.full(49, 1 - 1e-6), np.full(50, 1e-6)])
+    # -log(1e-6) for the wrong one, -log(1 - 1e-6) for the 99 right ones (no infinity, no eps-sized loss)
+    assert res["bce"] == pytest.approx((-math.log(1e-6) - 99 * math.log1p(-1e-6)) / 100, rel=1e-9)
+    assert res["auc"] == pytest.approx(1 - 0.5 / 50)  # the wrong one ties with all 50 generated showers

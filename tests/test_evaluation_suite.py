@@ -1,14 +1,18 @@
-"""The evaluation suite on samples: the same-distribution floor vs distorted showers, condition checks."""
+"""The evaluation suite on samples: the same-distribution floor vs distorted showers, the reference-halves
+noise floor, condition checks."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 from eval_helpers import conditions, synthetic_showers
 
+from calofm.evaluation import suite
 from calofm.evaluation.classifier import ClassifierConfig
 from calofm.evaluation.features import apply_threshold, high_level_vector, shower_features
 from calofm.evaluation.fpd import fpd
-from calofm.evaluation.suite import EvalOptions, check_conditions, compare_samples
+from calofm.evaluation.suite import EvalOptions, check_conditions, compare_samples, evaluate_pair
 from calofm.geometry import load_geometry
 
 N = 1200
@@ -73,6 +77,26 @@ def test_energy_scale_and_missing_layer_are_caught(samples, siw):
     assert same["hist"]["e_layer"]["per_layer"][20] < 0.1
     assert same["cls-high"]["auc"] < 0.6
     assert hole["cls-high"]["auc"] > 0.95
+
+
+def test_fpd_noise_floor_from_reference_halves(samples, siw, monkeypatch):
+    """``evaluate_pair``'s floor (reference half vs half) against a same-distribution and a distorted sample.
+
+    The FPD intercept estimates the distance between the two *empirical* distributions, which for equal
+    distributions scales as 1/n_ref + 1/n_gen: halves of N give 4/N, N vs N gives 2/N, so an independent
+    same-distribution sample lands at about half the floor, not below it by orders of magnitude nor above it.
+    """
+    monkeypatch.setattr(suite, "load_sample", lambda path, geometry, max_showers, progress=False:
+                        (samples[path], "par04_siw"))
+    monkeypatch.setattr(suite, "fpd", functools.partial(fpd, num_batches=5, num_points=4))  # 20 instead of 200
+    opts = EvalOptions(metrics=("fpd",), fpd_samples=(200, 400), progress=False)
+    comp, floor, _ = evaluate_pair("ref", "same", "par04_siw", opts)
+    assert floor.results["n_reference"] == N // 2
+    same, noise = comp.results["fpd"]["value"], floor.results["fpd"]["value"]
+    assert noise > 5 * floor.results["fpd"]["error"]  # the floor at 600 showers is well above zero
+    assert 0.3 < same / noise < 0.8  # ~0.5 (measured 0.44-0.55 over sample seeds)
+    hole = compare_samples(samples["ref"], samples["hole"], siw, opts).results["fpd"]["value"]
+    assert hole > 4 * noise  # ~6-8 x
 
 
 def test_conditions_must_match(samples):
