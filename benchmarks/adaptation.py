@@ -72,7 +72,9 @@ def collect(out: Path, geometry: str) -> dict:
     from calofm.adapt import ADAPTER_FILE
     from calofm.training.tracking import read_metrics
 
-    recs = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if f"val/{geometry}" in r]
+    # one record per step (the last): a folder may hold an earlier, interrupted attempt's records
+    recs = list({r["step"]: r for r in read_metrics(out / "logs" / "metrics.jsonl") if f"val/{geometry}" in r}
+                .values())
     info = json.loads((out / "model" / ADAPTER_FILE).read_text())
     return {"steps": [r["step"] for r in recs], "val": [r[f"val/{geometry}"] for r in recs],
             "fidelity": [r["fidelity"] for r in recs], "trainable": info["trainable_parameters"]}

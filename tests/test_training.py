@@ -57,6 +57,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
     part = tmp_path / "part"
     assert run(tiny_config(part, cache, stop_at=5)) is None  # interrupted after step 5, checkpoint written
     assert (part / "checkpoints").is_dir() and not (part / "model").exists()
+    with open(part / "logs" / "metrics.jsonl", "a") as f:  # a crash after the checkpoint had logged steps 6-7
+        f.write('{"step": 6, "loss": 9.0}\n{"step": 7, "loss": 9.0}\n')
     run(tiny_config(part, cache))  # same command again: resumes at step 6
     # steps 1-5 were not trained again (a restart from scratch would log them twice)
     steps = [r["step"] for r in read_metrics(part / "logs" / "metrics.jsonl") if "loss" in r]
@@ -69,6 +71,20 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
     wa, wb = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_trim_metrics_keeps_what_a_restarted_run_will_not_log_again(tmp_path):
+    from calofm.training.tracking import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"config": {"a": 1}}, {"step": 0, "val/odd": 1.0}, {"step": 5, "loss": 2.0}, {"step": 6, "loss": 3.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    trim_metrics(path, 5)  # resume from the checkpoint at step 5
+    assert read_metrics(path) == lines[1:3] and json.loads(path.read_text().splitlines()[0]) == lines[0]
+    trim_metrics(path, 0)  # a fresh start in the same folder
+    assert path.read_text() == ""
+    trim_metrics(tmp_path / "none.jsonl", 3)  # nothing logged yet: nothing to do
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_gradient_accumulation_logs_the_mean_of_its_micro_batches_also_to_tensorboard(tmp_path, cache, monkeypatch):

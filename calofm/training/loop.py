@@ -29,7 +29,7 @@ from calofm.ema import EMA
 from calofm.preprocess import ShowerPreprocessor
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, model_inputs, prepare_data
-from calofm.training.tracking import trackers
+from calofm.training.tracking import trackers, trim_metrics
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
         acc.print(f"resumed from {ckpts} at step {state.step}")
     ema.to(acc.device)
     if acc.is_main_process:
+        trim_metrics(out / "logs" / "metrics.jsonl", state.step)  # records past the checkpoint are logged again
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     acc.init_trackers("calofm", config={"world": acc.num_processes, **_flat(to_dict(cfg))})

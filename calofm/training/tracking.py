@@ -60,6 +60,19 @@ def trackers(output_dir: str | os.PathLike, tensorboard: bool = True) -> list:
     return out
 
 
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Keep only the records a run starting at ``step`` will not log again: those up to ``step`` when it
+    resumes from a checkpoint, none when it starts over (step 0). Rewritten through a temporary file."""
+    path = Path(path)
+    if not path.exists():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [json.dumps(r) for r in records if step > 0 and ("config" in r or r["step"] <= step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The logged records of a run (``<output_dir>/logs/metrics.jsonl``), without the config line."""
     lines = Path(path).read_text().splitlines()
