@@ -83,3 +83,17 @@ def test_cli_evaluate_several_geometries_in_one_report(files, tmp_path, capsys):
     assert entries["par04_siw"]["hist"]["e_ratio"]["separation_power"] > 0.0
     report = (out / "report.md").read_text()
     assert "## par04_siw" in report and "## allegro" in report
+
+
+def test_metrics_are_chosen_with_spaces_or_commas():
+    from calofm.cli import build_parser
+    from calofm.evaluation.cli import options_from_args
+
+    def options(*metrics):
+        argv = ["evaluate", "-r", "a.h5", "-g", "b.h5", "-o", "out", *(["--metrics", *metrics] if metrics else [])]
+        return options_from_args(build_parser(only="evaluate").parse_args(argv))
+
+    assert options("hist", "fpd,kpd", "hist").metrics == ("hist", "fpd", "kpd")
+    assert options("all").metrics == options().metrics and "cls-low" in options().metrics
+    with pytest.raises(SystemExit):
+        options("fid")

@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generated", "-g", action="append", required=True, metavar="GEN.h5",
                         help="generated file with the reference's conditions (calofm generate --like REF.h5)")
     parser.add_argument("--out", "-o", required=True, metavar="DIR", help="report folder")
-    parser.add_argument("--metrics", type=_metrics, default=METRICS, metavar="LIST",
-                        help=f"comma-separated subset of: {', '.join(METRICS)} (default: all)")
+    parser.add_argument("--metrics", type=_metrics, nargs="+", default=[METRICS], metavar="NAME",
+                        help=f"subset of: {', '.join(METRICS)}, separated by spaces or commas (default: all)")
     parser.add_argument("--threshold", type=float, default=None, metavar="MeV",
                         help="cell threshold applied to both files (default: the geometry card's)")
     parser.add_argument("--geometry", action="append", default=None, metavar="NAME",
@@ -45,24 +45,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_geometry_dir(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def options_from_args(args: argparse.Namespace):
+    """EvalOptions from the command line."""
     from dataclasses import replace
 
     from calofm.evaluation.classifier import FULL_RECIPE, default_config
-    from calofm.evaluation.suite import EvalOptions, evaluate
+    from calofm.evaluation.suite import EvalOptions
+
+    cls = default_config()
+    if args.full_classifier:
+        cls = replace(FULL_RECIPE, device=cls.device)
+    cls = replace(cls, n_runs=args.n_runs, seed=args.seed, epochs=args.epochs or cls.epochs)
+    metrics = tuple(dict.fromkeys(m for group in args.metrics for m in group))  # `hist fpd` or `hist,fpd`
+    options = EvalOptions(metrics=metrics, threshold=args.threshold, noise_floor=not args.no_noise_floor,
+                          classifier=cls, max_showers=args.max_showers, plots=not args.no_plots, seed=args.seed,
+                          progress=not getattr(args, "quiet", False),
+                          fpd_samples=tuple(int(v) for v in args.fpd_samples), kpd_batch=args.kpd_batch)
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    from calofm.evaluation.suite import evaluate
 
     if len(args.reference) != len(args.generated):
         raise ValueError(f"{len(args.reference)} --reference but {len(args.generated)} --generated files")
     if args.geometry is not None and len(args.geometry) not in (1, len(args.reference)):
         raise ValueError(f"give one --geometry per file pair ({len(args.reference)}), or one for all")
-    cls = default_config()
-    if args.full_classifier:
-        cls = replace(FULL_RECIPE, device=cls.device)
-    cls = replace(cls, n_runs=args.n_runs, seed=args.seed, epochs=args.epochs or cls.epochs)
-    options = EvalOptions(metrics=args.metrics, threshold=args.threshold, noise_floor=not args.no_noise_floor,
-                          classifier=cls, max_showers=args.max_showers, plots=not args.no_plots, seed=args.seed,
-                          progress=not getattr(args, "quiet", False),
-                          fpd_samples=tuple(int(v) for v in args.fpd_samples), kpd_batch=args.kpd_batch)
+    options = options_from_args(args)
     geometry = args.geometry * len(args.reference) if args.geometry and len(args.geometry) == 1 else args.geometry
     metrics = evaluate(args.reference, args.generated, args.out, geometry=geometry, options=options,
                        extra_dirs=args.geometry_dir)
