@@ -185,7 +185,7 @@ def main() -> None:
     if args.tables:
         results = {}
         for root in map(Path, args.tables):
-            for run in sorted(p for p in root.iterdir() if (p / "logs" / "metrics.jsonl").exists()):
+            for run in sorted(p for p in root.iterdir() if (p / "model" / "calofm_adapter.json").exists()):  # finished
                 geometry, size, method = run.name.rsplit("_", 2)
                 results.setdefault((geometry, int(size)), {})[method] = collect(run, geometry)
         results = dict(sorted(results.items()))
