@@ -154,8 +154,9 @@ def plot(results: dict, path: Path) -> None:
     for j, key in enumerate(keys):
         for method in (m for m in METHODS if m in results[key]):
             r = results[key][method]
-            axes[0, j].plot(r["steps"], r["val"], marker="o", label=method)
-            axes[1, j].plot(r["steps"], r["fidelity"], marker="o", label=method)
+            color = f"C{METHODS.index(method)}"  # the same colour for a method in every panel
+            axes[0, j].plot(r["steps"], r["val"], marker="o", label=method, color=color)
+            axes[1, j].plot(r["steps"], r["fidelity"], marker="o", label=method, color=color)
         axes[0, j].set_title(f"{key[0]}, {key[1]} showers")
         axes[0, j].set_ylabel("validation EDM loss")
         axes[1, j].set_ylabel("mean separation power")
