@@ -166,7 +166,7 @@ def test_ctrl_c_exits_130(monkeypatch, tmp_showers, capsys):
 
     monkeypatch.setattr(files, "run", interrupted)
     assert main(["validate", str(tmp_showers(1))]) == 130
-    assert capsys.readouterr().err.strip() == "calofm: interrupted"
+    assert capsys.readouterr().err.strip() == "calofm validate: interrupted"
 
 
 # ----------------------------------------------------------------------------------------------
