@@ -10,7 +10,9 @@ from calofm.cli import main as cli_main
 from calofm.data.io import ShowerFile, read_showers
 from calofm.geometry import load_geometry
 from calofm.sim import Run, SimOptions, simulate, simulate_to_file
+from calofm.sim.gflash import n_spots
 from calofm.sim.run import CHUNK
+from calofm.sim.shower import standard_gamma
 
 NORMAL = (math.pi / 2, math.pi / 2)
 
@@ -229,3 +231,31 @@ def test_runs_on_any_device_dtype():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = simulate("par04_siw", 20, energy=(10, 10), device=device)["showers"]
     assert s.shape == (20, 9, 16, 45) and s.dtype == np.float32 and (s >= 0).all()
+
+
+@pytest.mark.parametrize("shape", [0.05, 0.4, 1.0, 2.5, 40.0])
+def test_gamma_sampler_follows_the_gamma_distribution(shape):
+    # Kolmogorov-Smirnov distance to the exact CDF; 1.63/sqrt(n) is the 1 % critical value
+    n = 100_000
+    x = standard_gamma(torch.full((n,), shape, dtype=torch.float64), torch.Generator().manual_seed(5))
+    assert (x > 0).all() and torch.isfinite(x).all()
+    cdf = torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), x.sort().values)
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum(grid - cdf, cdf - (grid - 1 / n)).max().item()
+    assert ks < 1.63 / math.sqrt(n), ks
+    # mixed shapes keep their order (each sample belongs to its own shape)
+    shapes = torch.tensor([0.3, 300.0] * 5000)
+    y = standard_gamma(shapes, torch.Generator().manual_seed(6))
+    assert abs(y[1::2].mean().item() / 300 - 1) < 0.01 and abs(y[::2].mean().item() / 0.3 - 1) < 0.05
+
+
+def test_batches_mixing_binned_and_spot_showers():
+    # 1-300 GeV at default options: some showers are binned, the rest spot by spot in sub-batches
+    opts = SimOptions(max_spots=20_000)
+    s = simulate("odd", 60, energy=(1, 300), seed=8, options=opts)
+    e_gev = s["incident_energy"] / 1e3
+    spots = n_spots(torch.from_numpy(e_gev).double(), load_geometry("odd").card.resolution.stochastic)
+    assert (spots > 3000).any() and (spots <= 3000).any()
+    # each shower's visible energy tracks its own incident energy, whichever path made it
+    ratio = s["showers"].sum((1, 2, 3)) / s["incident_energy"]
+    assert ratio.std() / ratio.mean() < 0.25 and (ratio > 0).all()

@@ -23,7 +23,7 @@ from calofm.sim.shower import ShowerSimulator, SimOptions
 log = logging.getLogger(__name__)
 
 CHUNK = 1000  # showers per deterministic chunk
-GENERATOR = "calofm-sim-gflash-v1"
+GENERATOR = "calofm-sim-gflash-v2"
 PHI_SLACK = 1e-3  # rad: ranges typed with rounded pi (-3.1416) are accepted
 
 

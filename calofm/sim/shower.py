@@ -46,6 +46,38 @@ PHOTON_CONVERSION_X0 = 9.0 / 7.0  # mean photon conversion depth in X0 (Geant4 G
 BINNED_ABOVE_SPOTS = 3000
 
 
+def standard_gamma(shape: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gamma(shape, 1) samples by Marsaglia and Tsang's squeeze method (ACM TOMS 26 (2000) 363).
+
+    The same distribution as ``torch._standard_gamma``, but built from vectorised normal and
+    uniform draws, which on CPU runs about 1.5x faster for the millions of spots per batch.
+    Each round accepts more than 95 % of what is left. Shapes below 1 use the boost
+    Gamma(a) = Gamma(a + 1) U^(1/a).
+    """
+    opts = dict(device=shape.device, dtype=shape.dtype)
+    boost = shape < 1
+    d = torch.where(boost, shape + 1, shape) - 1.0 / 3.0
+    c = torch.rsqrt(9 * d)
+
+    def draw(d, c):  # one round: candidates d v and whether each is accepted
+        x = torch.randn(len(d), generator=gen, **opts)
+        u = torch.rand(len(d), generator=gen, **opts)
+        v = (1 + c * x) ** 3
+        accept = (v > 0) & (torch.log(u) < 0.5 * x * x + d * (1 - v + torch.log(v.clamp(min=1e-30))))
+        return d * v, accept
+
+    out, accept = draw(d, c)
+    todo = torch.nonzero(~accept).squeeze(1)
+    while len(todo):
+        value, accept = draw(d[todo], c[todo])
+        out[todo[accept]] = value[accept]
+        todo = todo[~accept]
+    if bool(boost.any()):
+        u = torch.rand(len(shape), generator=gen, **opts)
+        out = torch.where(boost, out * u.pow(1 / shape), out)
+    return out.clamp_(min=torch.finfo(shape.dtype).tiny)  # as torch does: tiny shapes underflow to 0 otherwise
+
+
 @dataclass(frozen=True)
 class SimOptions:
     particle: str = "gamma"  # "gamma", "e-" or "e+"
@@ -97,11 +129,15 @@ class ShowerSimulator:
 
     def depth_to_mm(self, t_x0: torch.Tensor) -> torch.Tensor:
         """Inverse of the cumulative-X0 map along the detector normal: X0 -> mm (material extended past the back)."""
+        return self._x0_to_mm(t_x0)[0]
+
+    def _x0_to_mm(self, t_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``depth_to_mm`` and the index of the section the depth falls in."""
         if len(self.x0) == 1:
-            return t_x0 * float(self.x0[0])
+            return t_x0 * float(self.x0[0]), torch.zeros_like(t_x0, dtype=torch.long)
         e, x0e, x0 = self.edges.to(t_x0.dtype), self.x0_edges.to(t_x0.dtype), self.x0.to(t_x0.dtype)
         k = torch.clamp(torch.searchsorted(x0e, t_x0.contiguous(), right=True) - 1, 0, len(x0) - 1)
-        return e[k] + (t_x0 - x0e[k]) * x0[k]
+        return e[k] + (t_x0 - x0e[k]) * x0[k], k
 
     def x0_of_mm(self, d: torch.Tensor) -> torch.Tensor:
         """Cumulative X0 at normal depth d (mm), the inverse of ``depth_to_mm``."""
@@ -129,11 +165,10 @@ class ShowerSimulator:
         n = len(e_gev)
         par = self._shower_parameters(e_gev, theta, generator)
         binned = self._use_binned(par["n_spots"])
-        dep = torch.zeros(n, N_CELLS, dtype=torch.float32, device=self.device)
-        vis = torch.zeros_like(dep)
+        parts = []  # (shower indices, their per-cell deposited and visible energy (len, 6480, 2))
         idx = torch.nonzero(binned).squeeze(1)
         if len(idx):
-            dep[idx], vis[idx] = self._deposit_binned({k: v[idx] for k, v in par.items()}, generator)
+            parts.append((idx, self._deposit_binned({k: v[idx] for k, v in par.items()}, generator)))
         idx = torch.nonzero(~binned).squeeze(1)
         # spots one by one, in sub-batches bounded by the number of spots (memory)
         cum = torch.cumsum(par["n_spots"][idx], 0).cpu()
@@ -142,9 +177,15 @@ class ShowerSimulator:
             base = int(cum[start - 1]) if start else 0
             stop = max(int(torch.searchsorted(cum, base + self.options.max_spots, right=True)), start + 1)
             sub = idx[start:stop]
-            dep[sub], vis[sub] = self._deposit_spots({k: v[sub] for k, v in par.items()}, generator)
+            parts.append((sub, self._deposit_spots({k: v[sub] for k, v in par.items()}, generator)))
             start = stop
-        return self._readout(dep, vis, theta, generator).view(n, *MESH_SHAPE)
+        if len(parts) == 1:  # the common case: no copy
+            energy = parts[0][1]
+        else:
+            energy = torch.zeros(n, N_CELLS, 2, dtype=torch.float32, device=self.device)
+            for rows, part in parts:
+                energy[rows] = part
+        return self._readout(energy, theta, generator).view(n, *MESH_SHAPE)
 
     def _use_binned(self, counts: torch.Tensor) -> torch.Tensor:
         method = self.options.method
@@ -167,8 +208,8 @@ class ShowerSimulator:
             "n_spots": n_spots(e_gev, self.stochastic, self.options.spot_factor),
         }
 
-    def _deposit_spots(self, par, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw every spot; returns per-cell deposited and visible energy (n, 6480), GeV."""
+    def _deposit_spots(self, par, gen) -> torch.Tensor:
+        """Draw every spot; returns per-cell deposited and visible energy (n, 6480, 2), GeV."""
         dev, n, m = self.device, len(par["e_gev"]), self.medium
         f32 = dict(device=dev, dtype=torch.float32)
         shower = torch.repeat_interleave(torch.arange(n, device=dev), par["n_spots"])
@@ -177,12 +218,13 @@ class ShowerSimulator:
         # per-shower constant, which the per-shower normalisation removes
         per = torch.stack([par["a_spot"], par["b_spot"], par["alpha"] - par["a_spot"], par["beta"] - par["b_spot"],
                            par["k_tau"], torch.log(par["e_gev"]), torch.sin(par["theta"]), torch.cos(par["theta"]),
-                           par["t0"]], 1).float()[shower]
-        a_s, b_s, d_a, d_b, k_t, ln_e, sin_t, cos_t, t_start = per.unbind(1)
-        s = torch._standard_gamma(a_s, generator=gen) / b_s  # depth after the shower start, X0
+                           par["t0"]]).float()
+        # one contiguous gather per column (a row gather leaves strided columns that slow every op after it)
+        a_s, b_s, d_a, d_b, k_t, ln_e, sin_t, cos_t, t_start = (c.index_select(0, shower) for c in per)
+        s = standard_gamma(a_s, gen) / b_s  # depth after the shower start, X0
         w = torch.exp(torch.clamp(d_a * torch.log(s.clamp(min=1e-6)) - d_b * s, -60.0, 60.0))
         w_sum = torch.zeros(n, **f32).index_add_(0, shower, w)
-        e_spot = w * (par["e_gev"].float() / w_sum)[shower]  # GeV, sums to E per shower
+        e_spot = w * (par["e_gev"].float() / w_sum).index_select(0, shower)  # GeV, sums to E per shower
 
         # lateral position from the radial profile at the spot's scaled depth tau
         r_core, r_tail, p_core = radial_parameters(s * k_t, ln_e, m)
@@ -191,22 +233,23 @@ class ShowerSimulator:
         rho_rm = torch.where(u[0] < p_core, r_core, r_tail) * torch.sqrt(uu / (1 - uu))  # Moliere radii
         az = (2 * u[2] - 1) * math.pi
 
-        # X0 along the axis -> mm, tilted layers, leakage, local sampling fraction
-        z = self.depth_to_mm((t_start + s) * sin_t) / sin_t  # path length along the particle, mm
-        rho = rho_rm * self._local(self.r_m, z * sin_t)
-        d_n = z * sin_t + rho * torch.cos(az) * cos_t  # depth behind the front face, mm
+        # X0 along the axis -> mm (and the section there, for its Moliere radius), tilted layers, leakage,
+        # local sampling fraction
+        d_axis, k = self._x0_to_mm((t_start + s) * sin_t)
+        z = d_axis / sin_t  # path length along the particle, mm
+        rho = rho_rm * self.r_m.to(z.dtype)[k]
+        d_n = d_axis + rho * torch.cos(az) * cos_t  # depth behind the front face, mm
         i_r = (rho / self.dr).long()
         i_z = (z / self.dz).long()
         i_phi = ((az + math.pi) * (self.n_phi / (2 * math.pi))).long().clamp_(0, self.n_phi - 1)
         inside = (d_n >= 0) & (d_n <= self.depth) & (i_r < self.n_r) & (i_z < self.n_z)
-        cell = (shower * N_CELLS + (i_r * self.n_phi + i_phi) * self.n_z + i_z)[inside]
-        e_dep = e_spot[inside]
-        e_vis = e_dep * self._local(self.f_em, d_n[inside])
-        dep = torch.zeros(n * N_CELLS, **f32).index_add_(0, cell, e_dep)
-        vis = torch.zeros(n * N_CELLS, **f32).index_add_(0, cell, e_vis)
-        return dep.view(n, N_CELLS), vis.view(n, N_CELLS)
+        # spots that leak out go to one extra bin past the end (cheaper than dropping them with a mask)
+        cell = torch.where(inside, shower * N_CELLS + (i_r * self.n_phi + i_phi) * self.n_z + i_z, n * N_CELLS)
+        energy = torch.stack([e_spot, e_spot * self._local(self.f_em, d_n.clamp(0, self.depth))], 1)
+        out = torch.zeros(n * N_CELLS + 1, 2, **f32).index_add_(0, cell, energy)  # deposited, visible
+        return out[:-1].view(n, N_CELLS, 2)
 
-    def _deposit_binned(self, par, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    def _deposit_binned(self, par, gen) -> torch.Tensor:
         """Same model for showers with many spots: Poisson spot counts per cell around their expectation.
 
         Expected energy and spot count per cell follow from the closed-form Gamma CDF (depth) and the
@@ -251,20 +294,25 @@ class ShowerSimulator:
         dep = dep * inside
         dep = dep * (expected / dep.sum((1, 2, 3)).clamp(min=1e-30))[:, None, None, None]
         vis = dep * self._local(self.f_em, d_n.clamp(0, self.depth))
-        return dep.float().reshape(n, N_CELLS), vis.float().reshape(n, N_CELLS)
+        return torch.stack([dep, vis], -1).float().reshape(n, N_CELLS, 2)
 
-    def _readout(self, dep, vis, theta, gen) -> torch.Tensor:
-        """Sampling fluctuations on occupied cells, constant term, readout threshold, output scale (MeV)."""
-        n = len(dep)
-        dep, vis = dep.reshape(-1), vis.reshape(-1)
-        occ = torch.nonzero(dep > 0).squeeze(1)
-        a_eff2 = (self.stochastic**2 / torch.sin(theta).clamp(min=0.05)).float()[occ // N_CELLS]
-        fluct = torch._standard_gamma(dep[occ] / a_eff2, generator=gen) * a_eff2 / dep[occ]
+    def _readout(self, energy, theta, gen) -> torch.Tensor:
+        """Sampling fluctuations on occupied cells, constant term, readout threshold, output scale (MeV).
+
+        ``energy`` (n, 6480, 2) holds each cell's deposited and visible energy in GeV.
+        """
+        n = len(energy)
+        energy = energy.reshape(-1, 2)
+        occ = torch.nonzero(energy[:, 0] > 0).squeeze(1)
+        dep, vis = energy[occ].unbind(1)
+        shower = occ // N_CELLS
+        a_eff2 = (self.stochastic**2 / torch.sin(theta).clamp(min=0.05)).float()[shower]
+        fluct = standard_gamma(dep / a_eff2, gen) * a_eff2 / dep
         gain = (1 + self.constant * torch.randn(n, generator=gen, device=self.device)).clamp(min=0.0)
-        scale = fluct * gain[occ // N_CELLS]
-        vis_mev = vis[occ] * scale * 1e3
+        scale = fluct * gain[shower]
+        vis_mev = vis * scale * 1e3
         keep = vis_mev >= self.threshold
-        value = vis_mev if self.options.energy_scale == "visible" else dep[occ] * scale * 1e3
+        value = vis_mev if self.options.energy_scale == "visible" else dep * scale * 1e3
         out = torch.zeros(n * N_CELLS, dtype=torch.float32, device=self.device)
         out[occ[keep]] = value[keep]
         return out.view(n, N_CELLS)
