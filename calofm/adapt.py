@@ -162,6 +162,7 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
     from calofm.geometry import load_geometry
     from calofm.models import CaloDiTModel
     from calofm.preprocess import ShowerPreprocessor
+    from calofm.training.data import cell_maxima
 
     geometry = load_geometry(a.geometry, geometry_dirs)
 
@@ -171,12 +172,15 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
         net.config.geometry_slots = {**net.config.geometry_slots, geometry.name: slot}
         net.config.geometry_thresholds = {**net.config.geometry_thresholds, geometry.name: geometry.card.threshold}
         pre = ShowerPreprocessor.from_dict(net.config.preprocessing)
+        cell_max = cell_maxima(data.train, train_config(a).data.stats_samples, pre)[geometry.name]
+        net.config.geometry_cell_max = {**net.config.geometry_cell_max, geometry.name: cell_max}
         if a.from_scratch:
             # same architecture and the same model space (preprocessing) as the base, random weights:
             # validation losses of scratch and adapted models are then directly comparable
             config = net.config
             config.geometry_slots = {geometry.name: slot}
             config.geometry_thresholds = {geometry.name: geometry.card.threshold}
+            config.geometry_cell_max = {geometry.name: cell_max}
             net = CaloDiTModel(config)
         elif a.method == "lora":
             net = lora_wrap(net, slot, a.rank, a.alpha)
@@ -188,6 +192,7 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
         build_model.info = {"geometry": geometry.name, "slot": slot, "base": str(a.base), "method": a.kind,
                             "base_path": str(local.resolve()) if local.is_dir() else None,
                             "fingerprint": fingerprint(path), "threshold": geometry.card.threshold,
+                            "cell_max": cell_max,
                             "rank": a.rank if a.kind == "lora" else None, "trainable_parameters": n_train,
                             "total_parameters": n_all}
         return net, pre
@@ -245,6 +250,8 @@ def load_adapted(path: str | Path, dtype=torch.float32, merged: bool = True) -> 
                          f"(weights fingerprint differs)")
     net.config.geometry_slots = {**net.config.geometry_slots, info["geometry"]: int(info["slot"])}
     net.config.geometry_thresholds = {**net.config.geometry_thresholds, info["geometry"]: float(info["threshold"])}
+    if "cell_max" in info:  # adapters written before calofm recorded it sample without the cap
+        net.config.geometry_cell_max = {**net.config.geometry_cell_max, info["geometry"]: float(info["cell_max"])}
     with quiet_peft():
         model = PeftModel.from_pretrained(net, path)
     model.eval()

@@ -99,9 +99,13 @@ class ShowerGenerator:
     @torch.no_grad()
     def sample(
         self, energy, phi, theta, geometry: str, steps: int = 32, sampler: str = "heun", batch_size: int = 256,
-        seed: int | None = None, progress: bool = False, precision: str = "fp32",
+        seed: int | None = None, progress: bool = False, precision: str = "fp32", cell_cap: bool = True,
     ) -> np.ndarray:
-        """Showers (N, 9, 16, 45) in MeV for incident energies in GeV and angles in rad (arrays or scalars)."""
+        """Showers (N, 9, 16, 45) in MeV for incident energies in GeV and angles in rad (arrays or scalars).
+
+        ``cell_cap``: no cell exceeds the largest cell (as a fraction of E_inc) of the geometry's training
+        data, where the model records it; always, no cell exceeds the incident energy.
+        """
         e, ph, th = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (energy, phi, theta)))
         if (e <= 0).any() or not np.isfinite(e).all():
             raise ValueError("incident energies must be finite and > 0 GeV")
@@ -114,12 +118,13 @@ class ShowerGenerator:
         bar = tqdm(total=len(e), disable=not progress, unit="shower", desc=f"sample {geometry}")
         for k, start in enumerate(range(0, len(e), batch_size)):
             sl = slice(start, start + batch_size)
-            out[sl] = self._batch(e[sl], ph[sl], th[sl], geometry, steps, sampler, seed, k, precision)
+            out[sl] = self._batch(e[sl], ph[sl], th[sl], geometry, seed, k, steps=steps, sampler=sampler,
+                                  precision=precision, cell_cap=cell_cap)
             bar.update(len(out[sl]))
         bar.close()
         return out
 
-    def _batch(self, e, phi, theta, geometry, steps, sampler, seed, k, precision) -> np.ndarray:
+    def _batch(self, e, phi, theta, geometry, seed, k, *, steps, sampler, precision, cell_cap) -> np.ndarray:
         from calofm.diffusion import euler_sample, heun_sample
 
         if sampler not in SAMPLERS:
@@ -139,9 +144,14 @@ class ShowerGenerator:
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
             y = step_fn(self.precond, noise, cond, num_steps=steps)
         # no cell can hold more than the incident energy: cap the model-space value there (an
-        # undertrained model can otherwise overflow exp() in the inverse transform)
+        # undertrained model can otherwise overflow exp() in the inverse transform) ...
         e_mev = cond["energy"].double() * 1e3
-        cap = self.pre.forward(e_mev.reshape(-1, 1, 1, 1).expand_as(y), e_mev)
+        top = e_mev.reshape(-1, 1, 1, 1)
+        if cell_cap and geometry in self.config.geometry_cell_max:
+            # ... nor more than the brightest cell of the geometry's training data (docs/generation.md)
+            limit = self.config.geometry_cell_max[geometry] * self.pre.unit(top, e_mev)
+            top = torch.minimum(top, torch.as_tensor(limit, dtype=top.dtype, device=dev))
+        cap = self.pre.forward(top.expand_as(y), e_mev)
         showers = self.pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=self.threshold(geometry))
         return showers.cpu().numpy()
 
@@ -172,6 +182,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network precision (autocast)")
+    p.add_argument("--no-cell-cap", dest="cell_cap", action="store_false",
+                   help="do not cap cells at the brightest cell (fraction of E_inc) of the training data")
     p.add_argument("--overwrite", action="store_true")
     add_geometry_dir(p)
 
@@ -216,14 +228,15 @@ def run(args: argparse.Namespace) -> int:
     n = len(cond["incident_energy"])
     attrs = FileAttrs(geometry=geometry.name, particle=geometry.card.particle, mesh_dr=geometry.mesh.dr,
                       mesh_dz=geometry.mesh.dz, generator=f"calofm-generate:{args.model}", seed=args.seed,
-                      extra={"gen_steps": args.steps, "gen_sampler": args.sampler})
+                      extra={"gen_steps": args.steps, "gen_sampler": args.sampler, "gen_cell_cap": args.cell_cap})
     bar = tqdm(total=n, unit="shower", desc=f"generate {geometry.name}")
     with ShowerWriter(out, attrs=attrs, compression="gzip") as w:
         for k, start in enumerate(range(0, n, args.batch_size)):
             sl = slice(start, start + args.batch_size)
             e_gev = cond["incident_energy"][sl].astype(np.float64) / 1e3
             showers = gen._batch(e_gev, cond["incident_phi"][sl], cond["incident_theta"][sl], geometry.name,
-                                 args.steps, args.sampler, args.seed, k, args.precision)
+                                 args.seed, k, steps=args.steps, sampler=args.sampler, precision=args.precision,
+                                 cell_cap=args.cell_cap)
             w.append(showers, cond["incident_energy"][sl], cond["incident_phi"][sl], cond["incident_theta"][sl])
             bar.update(len(showers))
     bar.close()

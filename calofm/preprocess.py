@@ -46,7 +46,7 @@ class ShowerPreprocessor:
         self.noise_cut = float(noise_cut)  # inverse: cells below noise_cut * eps * u are empty
 
     # -- transforms ---------------------------------------------------------------------------
-    def _unit(self, x: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor | float:
+    def unit(self, x: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor | float:
         """Energy unit per sample, (B, 1, ..., 1) MeV or 1.0."""
         if self.mode == "absolute":
             return 1.0
@@ -59,7 +59,7 @@ class ShowerPreprocessor:
         x = showers if showers.dtype in (torch.float32, torch.float64) else showers.float()
         if (x < 0).any():
             raise ValueError("showers must be non-negative energies in MeV")
-        return (torch.log(x / self._unit(x, energy) + self.eps) - self.mean) / self.std
+        return (torch.log(x / self.unit(x, energy) + self.eps) - self.mean) / self.std
 
     __call__ = forward
 
@@ -69,7 +69,7 @@ class ShowerPreprocessor:
         """Model space -> MeV (B, ...), non-negative; cells below the noise cut or ``threshold`` (MeV, scalar
         or (B,)) -> 0."""
         y = y if y.dtype in (torch.float32, torch.float64) else y.float()
-        unit = self._unit(y, energy)
+        unit = self.unit(y, energy)
         x = (torch.exp(y * self.std + self.mean) - self.eps).clamp_min(0.0) * unit
         threshold = torch.as_tensor(threshold, dtype=x.dtype, device=x.device)
         if threshold.ndim:

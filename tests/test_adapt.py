@@ -105,6 +105,10 @@ def test_lora_adaptation_run_round_trips(tmp_path, base, cache, monkeypatch):
 
     s = calofm.load(adapter, device="cpu").sample(10.0, 0.0, 1.5, "allegro", steps=2, seed=0)
     assert s.shape == (1, 9, 16, 45)
+    # the brightest ALLEGRO training cell is recorded and reaches the loaded model's config
+    assert 0 < info["cell_max"] < 1
+    assert load_adapted(adapter).config.geometry_cell_max["allegro"] == info["cell_max"]
+    assert saved.config.geometry_cell_max["allegro"] == info["cell_max"]
     # the base is found from any working directory, also when only its place relative to the adapter holds
     assert Path(info["base_path"]).is_absolute() and (adapter / info["base_relative"]).resolve() == Path(base).resolve()
     (adapter / ADAPTER_FILE).write_text(json.dumps({**info, "base": "moved/away", "base_path": "/nowhere"}))
@@ -122,6 +126,8 @@ def test_full_and_scratch_runs_and_cache_reuse(tmp_path, base, cache, caplog):
     assert adapt(tmp_path, base, cache, "--out", str(tmp_path / "scratch"), "--from-scratch") == 0
     scratch = CaloDiTModel.from_pretrained(tmp_path / "scratch" / "model")
     assert scratch.config.geometry_slots == {"allegro": 5}
+    assert set(scratch.config.geometry_cell_max) == {"allegro"}
+    assert full.config.geometry_cell_max["allegro"] == scratch.config.geometry_cell_max["allegro"]
     assert scratch.config.hidden_size == full.config.hidden_size  # same architecture
     info = json.loads((tmp_path / "scratch" / "model" / ADAPTER_FILE).read_text())
     assert info["method"] == "scratch" and info["trainable_parameters"] == info["total_parameters"]
@@ -151,7 +157,7 @@ def test_errors_are_one_line(tmp_path, base, cache, capsys):
     full_base = tmp_path / "fullbase"
     net = CaloDiTModel.from_pretrained(base)
     net.config.geometry_slots = {f"g{i}": i for i in range(8)}
-    net.config.geometry_thresholds = {}
+    net.config.geometry_thresholds, net.config.geometry_cell_max = {}, {}
     net.save_pretrained(full_base)
     assert adapt(tmp_path, full_base, cache, "--out", str(tmp_path / "y")) == 2
     assert "no spare geometry slot" in capsys.readouterr().err

@@ -224,6 +224,9 @@ def test_presets_and_parameter_counts():
         (dict(sigma_min=100.0), "EDM constants"),
         (dict(geometry_slots={"a": 0, "b": 0}), "distinct"),
         (dict(geometry_slots={"a": 0}, geometry_thresholds={"b": 0.1}), "not in geometry_slots"),
+        (dict(geometry_slots={"a": 0}, geometry_cell_max={"b": 0.1}), "not in geometry_slots"),
+        (dict(geometry_slots={"a": 0}, geometry_cell_max={"a": 0.0}), "finite and > 0"),
+        (dict(geometry_slots={"a": 0}, geometry_cell_max={"a": float("nan")}), "finite and > 0"),
         (dict(hiden_size=96), "unknown key"),
     ],
 )

@@ -45,6 +45,14 @@ def test_tiny_run_learns_and_saves_a_loadable_model(tmp_path, cache):
     model = CaloDiTModel.from_pretrained(final)
     assert model.config.geometry_slots == {"par04_siw": 0, "ild": 2}
     assert model.config.preprocessing["std"] > 0
+    # the brightest cell (fraction of E_inc) of each geometry's first stats_samples training showers
+    from calofm.sim.cache import simulated_file
+
+    for src in tiny_config(out, cache)["data"]["sources"]:
+        d = read_showers(simulated_file(src["geometry"], src["samples"], seed=1, cache=cache,
+                                        energy=tuple(src["energy"]), progress=False))
+        top = (d["showers"][:128].reshape(128, -1).max(1) / d["incident_energy"][:128]).max()
+        assert model.config.geometry_cell_max[src["geometry"]] == pytest.approx(top, rel=1e-6)
     recs = read_metrics(out / "logs" / "metrics.jsonl")
     assert all(0 <= r["data_wait"] <= 1 for r in recs if "data_wait" in r)
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
@@ -232,6 +240,14 @@ def test_generation(tmp_path, cache):
     c, d = (g.sample([20.0, 30.0], 0.1, 1.2, "par04_siw", steps=2) for _ in range(2))
     assert c.shape == (2, 9, 16, 45) and not np.array_equal(c, d)
     assert g.sample(20.0, 0.1, 1.2, "par04_siw", steps=1, seed=2**62 + 5).shape == (1, 9, 16, 45)
+    # cells are capped at the brightest training cell; a tighter recorded maximum tightens the cap
+    e = np.array([20.0, 30.0, 40.0])
+    frac = g.sample(e, 0.1, 1.2, "par04_siw", steps=2, seed=3).reshape(3, -1).max(1) / (e * 1e3)
+    assert frac.max() <= g.config.geometry_cell_max["par04_siw"] * (1 + 1e-5)
+    g.config.geometry_cell_max["par04_siw"] = 0.5 * frac.max()
+    capped = g.sample(e, 0.1, 1.2, "par04_siw", steps=2, seed=3).reshape(3, -1).max(1) / (e * 1e3)
+    free = g.sample(e, 0.1, 1.2, "par04_siw", steps=2, seed=3, cell_cap=False).reshape(3, -1).max(1) / (e * 1e3)
+    assert capped.max() <= 0.5 * frac.max() * (1 + 1e-5) < free.max()
     # --like takes conditions from a file of the same geometry only
     assert cli(["generate", "--model", str(final), "--geometry", "par04_siw", "--like", str(ref), "--steps", "1",
                 "--out", str(tmp_path / "y.h5")]) == 2

@@ -63,10 +63,12 @@ class CaloDiTConfig(PreTrainedConfig):
     rho: float = 7.0
     P_mean: float = -1.2
     P_std: float = 1.2
-    # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV.
+    # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV,
+    # -> largest cell energy in the training data in preprocessing units (fraction of E_inc, or MeV if "absolute")
     preprocessing: dict[str, Any] = field(default_factory=dict)
     geometry_slots: dict[str, int] = field(default_factory=dict)
     geometry_thresholds: dict[str, float] = field(default_factory=dict)
+    geometry_cell_max: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
         # Extra kwargs would silently become attributes (a typo like hiden_size=... gives the default size);
@@ -79,6 +81,7 @@ class CaloDiTConfig(PreTrainedConfig):
         self.patch_size = tuple(self.patch_size)
         self.geometry_slots = dict(self.geometry_slots or {})
         self.geometry_thresholds = {k: float(v) for k, v in (self.geometry_thresholds or {}).items()}
+        self.geometry_cell_max = {k: float(v) for k, v in (self.geometry_cell_max or {}).items()}
         self.preprocessing = dict(self.preprocessing or {})
         self._check()
         super().__post_init__(**kwargs)
@@ -114,6 +117,10 @@ class CaloDiTConfig(PreTrainedConfig):
             raise ValueError("geometry_thresholds names a geometry that is not in geometry_slots")
         if any(t < 0 for t in self.geometry_thresholds.values()):
             raise ValueError("geometry_thresholds must be >= 0 MeV")
+        if set(self.geometry_cell_max) - set(self.geometry_slots):
+            raise ValueError("geometry_cell_max names a geometry that is not in geometry_slots")
+        if not all(0 < v < math.inf for v in self.geometry_cell_max.values()):
+            raise ValueError(f"geometry_cell_max {self.geometry_cell_max}: values must be finite and > 0")
 
     @property
     def grid_size(self) -> tuple[int, int, int]:

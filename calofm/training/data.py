@@ -71,26 +71,43 @@ def prepare_data(cfg: DataConfig, extra_geometry_dirs=None, progress: bool = Tru
     return RunData(train=ShowerDataset(train), val=val, geometries=geos)
 
 
-def fit_preprocessor(
-    data: ShowerDataset, samples_per_file: int, pre: ShowerPreprocessor | None = None, batch: int = 500
-) -> ShowerPreprocessor:
-    """Fit ``pre``'s model-space statistics on the first ``samples_per_file`` showers of every source.
+def _stat_batches(data: ShowerDataset, samples_per_file: int, batch: int = 500):
+    """(geometry name, {"showers", "energy"}) over the first ``samples_per_file`` showers of every source.
 
-    Deterministic (fixed rows), so every process of a multi-process run computes the same numbers.
+    Fixed rows, so every process of a multi-process run computes the same statistics.
     """
+    for k, size in enumerate(data.sizes):
+        offset = int(data.offsets[k])
+        n = min(int(size), samples_per_file)
+        for start in range(0, n, batch):
+            rows = np.arange(offset + start, offset + min(start + batch, n))
+            b = data.__getitems__(rows)
+            yield data.sources[k].geometry.name, {"showers": b["showers"], "energy": b["energy"]}
 
-    def batches():
-        for k, size in enumerate(data.sizes):
-            offset = int(data.offsets[k])
-            n = min(int(size), samples_per_file)
-            for start in range(0, n, batch):
-                rows = np.arange(offset + start, offset + min(start + batch, n))
-                b = data.__getitems__(rows)
-                yield {"showers": b["showers"], "energy": b["energy"]}
 
-    pre = (pre or ShowerPreprocessor()).fit(batches())
+def fit_preprocessor(
+    data: ShowerDataset, samples_per_file: int, pre: ShowerPreprocessor | None = None
+) -> ShowerPreprocessor:
+    """Fit ``pre``'s model-space statistics on the first ``samples_per_file`` showers of every source."""
+    pre = (pre or ShowerPreprocessor()).fit(b for _, b in _stat_batches(data, samples_per_file))
     log.info("preprocessing fitted: %s", pre)
     return pre
+
+
+def cell_maxima(data: ShowerDataset, samples_per_file: int, pre: ShowerPreprocessor) -> dict[str, float]:
+    """Per geometry, the largest cell energy of the same showers in ``pre``'s units (fraction of E_inc, or MeV).
+
+    Generation caps cells there: an undertrained model otherwise makes rare core cells far hotter than
+    any the detector produced (docs/generation.md).
+    """
+    top: dict[str, float] = {}
+    for name, b in _stat_batches(data, samples_per_file):
+        showers = torch.as_tensor(b["showers"]).double()
+        unit = pre.unit(showers, torch.as_tensor(b["energy"]).double())
+        top[name] = max(top.get(name, 0.0), float((showers / unit).max()))
+    if not all(v > 0 for v in top.values()):
+        raise ValueError(f"training data with only empty showers: cell maxima {top}")
+    return top
 
 
 def model_inputs(batch: dict[str, torch.Tensor], pre: ShowerPreprocessor, device) -> tuple[torch.Tensor, dict]:

@@ -12,7 +12,7 @@ from calofm.cli import run_reporting_errors
 from calofm.config import build
 from calofm.preprocess import ShowerPreprocessor
 from calofm.training.config import TrainConfig
-from calofm.training.data import RunData, fit_preprocessor
+from calofm.training.data import RunData, cell_maxima, fit_preprocessor
 from calofm.training.loop import Setup, train
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
                 raise ValueError(f"{m.init_from}: geometry slots differ from the run's: {clash}")
             net.config.geometry_slots = {**net.config.geometry_slots, **slots}
             net.config.geometry_thresholds = {**net.config.geometry_thresholds, **thresholds}
+            net.config.geometry_cell_max = {**net.config.geometry_cell_max,
+                                            **cell_maxima(data.train, cfg.data.stats_samples, pre)}
             return net, pre
         p = cfg.preprocess
         pre = fit_preprocessor(data.train, cfg.data.stats_samples,
@@ -43,6 +45,7 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
                                        ("num_attention_heads", m.num_attention_heads),
                                        ("cond_dropout", m.cond_dropout)) if v is not None}
         config = preset_config(m.preset, geometry_slots=slots, geometry_thresholds=thresholds,
+                               geometry_cell_max=cell_maxima(data.train, cfg.data.stats_samples, pre),
                                preprocessing=pre.state_dict(), **overrides)
         net = CaloDiTModel(config)
         log.info("CaloDiT %s: %.2fM parameters", m.preset, sum(p.numel() for p in net.parameters()) / 1e6)
