@@ -221,7 +221,12 @@ def test_generation(tmp_path, cache):
     assert s.shape == (40, 9, 16, 45) and (s >= 0).all()
     assert s[s > 0].min() >= 0.1  # ILD readout threshold (0.1 MeV) applied
     with ShowerFile(out) as f:
-        assert f.attrs.geometry == "ild" and f.attrs.extra["gen_steps"] == 2
+        assert f.attrs.geometry == "ild" and f.attrs.extra["gen_steps"] == 2 and f.attrs.extra["gen_cell_cap"]
+    uncapped = tmp_path / "uncapped.h5"
+    assert cli([*args[:-6], "--out", str(uncapped), "--seed", "5", "--batch-size", "16", "--no-cell-cap"]) == 0
+    with ShowerFile(uncapped) as f:
+        assert not f.attrs.extra["gen_cell_cap"]
+    assert (read_showers(uncapped)["showers"] >= s).all()  # the same noise, only the cap differs
     # deterministic under the seed
     out2 = tmp_path / "gen2.h5"
     assert cli([*args[:-6], "--out", str(out2), "--seed", "5", "--batch-size", "16"]) == 0
