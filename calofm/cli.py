@@ -58,6 +58,50 @@ def parse_range(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def int_in(low: int | None = None, high: int | None = None):
+    """argparse type: an integer in [low, high] (either end open when None); argparse names the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside {_bounds(low, high)}")
+        return value
+
+    return parse
+
+
+def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False):
+    """argparse type: a finite float in [low, high] ((low, high] with ``low_open``); NaN and inf are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {_bounds(low, high, low_open)}")
+        return value
+
+    return parse
+
+
+def _bounds(low, high, low_open: bool = False) -> str:
+    def show(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    lo = "-inf" if low is None else show(low)
+    hi = "inf" if high is None else show(high)
+    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{']' if high is not None else ')'}"
+
+
+SEED = int_in(0, 2**63 - 1)  # numpy and torch seeds: non-negative, fits int64
+
+
 def add_geometry_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--geometry-dir", action="append", default=[], metavar="DIR",
                         help="extra folder of geometry YAML cards (also $CALOFM_GEOMETRY_DIR)")
