@@ -161,8 +161,8 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
     """Setup.build for adaptation: base + slot (+ LoRA), or the same architecture from scratch."""
     from calofm.geometry import load_geometry
     from calofm.models import CaloDiTModel
-    from calofm.preprocess import ShowerPreprocessor
-    from calofm.training.data import cell_maxima
+    from calofm.preprocess import ModelSpace
+    from calofm.training.data import cell_maxima, fit_profile
 
     geometry = load_geometry(a.geometry, geometry_dirs)
 
@@ -171,16 +171,26 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
         slot = assign_slot(net.config, geometry)
         net.config.geometry_slots = {**net.config.geometry_slots, geometry.name: slot}
         net.config.geometry_thresholds = {**net.config.geometry_thresholds, geometry.name: geometry.card.threshold}
-        pre = ShowerPreprocessor.from_dict(net.config.preprocessing)
-        cell_max = cell_maxima(data.train, train_config(a).data.stats_samples, pre)[geometry.name]
-        net.config.geometry_cell_max = {**net.config.geometry_cell_max, geometry.name: cell_max}
+        space = ModelSpace.from_config(net.config)
+        stats_n = train_config(a).data.stats_samples
+        cell_max, profile = None, None
+        if space.factorised:  # the new geometry's own profile statistics (its response and layer shares)
+            fit_profile(data.train, stats_n, {geometry.name: slot}, space.profile)
+            net.config.profile_preprocessing = space.profile.state_dict()
+            profile = space.profile.stats[geometry.name]
+        else:
+            cell_max = cell_maxima(data.train, stats_n, space.shower)[geometry.name]
+            net.config.geometry_cell_max = {**net.config.geometry_cell_max, geometry.name: cell_max}
         if a.from_scratch:
             # same architecture and the same model space (preprocessing) as the base, random weights:
             # validation losses of scratch and adapted models are then directly comparable
             config = net.config
             config.geometry_slots = {geometry.name: slot}
             config.geometry_thresholds = {geometry.name: geometry.card.threshold}
-            config.geometry_cell_max = {geometry.name: cell_max}
+            config.geometry_cell_max = {geometry.name: cell_max} if cell_max is not None else {}
+            if profile is not None:
+                config.profile_preprocessing = {**config.profile_preprocessing,
+                                                "stats": {geometry.name: profile}}
             net = CaloDiTModel(config)
         elif a.method == "lora":
             net = lora_wrap(net, slot, a.rank, a.alpha)
@@ -192,10 +202,10 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
         build_model.info = {"geometry": geometry.name, "slot": slot, "base": str(a.base), "method": a.kind,
                             "base_path": str(local.resolve()) if local.is_dir() else None,
                             "fingerprint": fingerprint(path), "threshold": geometry.card.threshold,
-                            "cell_max": cell_max,
+                            "cell_max": cell_max, "profile": profile,
                             "rank": a.rank if a.kind == "lora" else None, "trainable_parameters": n_train,
                             "total_parameters": n_all}
-        return net, pre
+        return net, space
 
     return build_model
 
@@ -250,8 +260,12 @@ def load_adapted(path: str | Path, dtype=torch.float32, merged: bool = True) -> 
                          f"(weights fingerprint differs)")
     net.config.geometry_slots = {**net.config.geometry_slots, info["geometry"]: int(info["slot"])}
     net.config.geometry_thresholds = {**net.config.geometry_thresholds, info["geometry"]: float(info["threshold"])}
-    if "cell_max" in info:  # adapters written before calofm recorded it sample without the cap
+    if info.get("cell_max") is not None:  # adapters written before calofm recorded it sample without the cap
         net.config.geometry_cell_max = {**net.config.geometry_cell_max, info["geometry"]: float(info["cell_max"])}
+    if info.get("profile") is not None:  # factorised: the new geometry's profile statistics
+        state = dict(net.config.profile_preprocessing)
+        state["stats"] = {**state.get("stats", {}), info["geometry"]: info["profile"]}
+        net.config.profile_preprocessing = state
     with quiet_peft():
         model = PeftModel.from_pretrained(net, path)
     model.eval()

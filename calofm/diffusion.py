@@ -21,7 +21,7 @@ Denoiser = Callable[..., torch.Tensor]  # D(x, sigma (B,), **cond) -> same shape
 Callback = Callable[[int, int, torch.Tensor], None]  # (step index, number of steps, x after the step)
 
 
-def _edm_constant(obj: Any, name: str) -> float:
+def edm_constant(obj: Any, name: str) -> float:
     """``name`` from the denoiser, else from its ``config``, else the EDM default."""
     for source in (obj, getattr(obj, "config", None)):
         if source is not None and getattr(source, name, None) is not None:
@@ -35,27 +35,33 @@ def _as_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """EDM Table 1: (c_skip, c_out, c_in, c_noise) for noise levels ``sigma`` (any shape; c_noise flattened)."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sd2 + sigma**2).sqrt()
+    c_noise = sigma.log().flatten() / 4  # (B,)
+    return c_skip, c_out, c_in, c_noise
+
+
 class EDMPrecond(nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise = ln(sigma)/4, cond) (EDM Table 1).
 
-    Works in the dtype of x (float64 in the samplers); F runs in its own parameter dtype, or under
-    autocast, and its output is cast back.
+    EDM's constants come from ``config`` if given (e.g. the CaloDiT config for its ``energy_net``), else
+    from the network or its ``config``, else ``EDM_DEFAULTS``. Works in the dtype of x (float64 in the
+    samplers); F runs in its own parameter dtype, or under autocast, and its output is cast back.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float | None = None):
+    def __init__(self, net: nn.Module, config: Any = None):
         super().__init__()
         self.net = net
-        self.sigma_data = sigma_data if sigma_data is not None else _edm_constant(net, "sigma_data")
-        for name in ("sigma_min", "sigma_max", "rho", "P_mean", "P_std"):
-            setattr(self, name, _edm_constant(net, name))
+        for name in EDM_DEFAULTS:
+            setattr(self, name, edm_constant(config if config is not None else net, name))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
-        sigma = _as_batch(sigma, x)  # (B, 1, 1, 1)
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sd**2 + sigma**2).sqrt()
-        c_noise = sigma.log().flatten() / 4  # (B,)
+        sigma = _as_batch(sigma, x)  # (B, 1, ..., 1)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         net_dtype = next(self.net.parameters()).dtype
         F_x = self.net((c_in * x).to(net_dtype), c_noise.float(), **cond)
         return c_skip * x + c_out * F_x.to(x.dtype)
@@ -89,10 +95,10 @@ def edm_loss(
     draw exactly (e.g. identical across process counts); otherwise they come from ``generator``.
     """
     if sigma is None or noise is None:
-        s, n = draw_sigma_noise(x, generator, _edm_constant(precond, "P_mean"), _edm_constant(precond, "P_std"))
+        s, n = draw_sigma_noise(x, generator, edm_constant(precond, "P_mean"), edm_constant(precond, "P_std"))
         sigma = s if sigma is None else sigma
         noise = n if noise is None else noise
-    sd = _edm_constant(precond, "sigma_data")
+    sd = edm_constant(precond, "sigma_data")
     sigma = sigma.to(device=x.device, dtype=x.dtype).reshape(-1)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # (B,)
     denoised = precond(x + noise * _as_batch(sigma, x), sigma, **cond)
@@ -120,7 +126,7 @@ def karras_sigmas(
 
 def _steps(denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor | None, num_steps: int) -> torch.Tensor:
     if sigmas is None:
-        consts = [_edm_constant(denoiser, k) for k in ("sigma_min", "sigma_max", "rho")]
+        consts = [edm_constant(denoiser, k) for k in ("sigma_min", "sigma_max", "rho")]
         return karras_sigmas(num_steps, *consts, device=noise.device)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=noise.device)
     if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():

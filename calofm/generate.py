@@ -60,10 +60,9 @@ class ShowerGenerator:
 
     def __init__(self, net: torch.nn.Module, config, device: str | torch.device | None = None):
         from calofm.diffusion import EDMPrecond
-        from calofm.preprocess import ShowerPreprocessor
+        from calofm.preprocess import ModelSpace
 
-        if not config.preprocessing:
-            raise ValueError("model config has no preprocessing statistics (was it trained with calofm?)")
+        self.space = ModelSpace.from_config(config)
         if device is None:
             from accelerate import PartialState
 
@@ -72,7 +71,9 @@ class ShowerGenerator:
         self.net = net.to(self.device).eval()
         self.config = config
         self.precond = EDMPrecond(self.net)
-        self.pre = ShowerPreprocessor.from_dict(config.preprocessing)
+        self.pre = self.space.shower
+        # factorised: the energy model's denoiser, with the EDM constants of the model's config
+        self.profile_precond = EDMPrecond(self.net.energy_net, config) if self.space.factorised else None
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device=None, dtype: torch.dtype = torch.float32):
@@ -141,18 +142,27 @@ class ShowerGenerator:
         noise = torch.randn((n, *self.config.mesh_shape), generator=gen, dtype=torch.float64).to(dev)
         step_fn = heun_sample if sampler == "heun" else euler_sample
         autocast = precision == "bf16"
+        e_mev = cond["energy"].double() * 1e3
+        threshold = self.threshold(geometry)
+        if self.space.factorised:
+            # energy model first: the profile (total and layer shares), then the shapes given that profile
+            profile_noise = torch.randn((n, self.space.profile.width), generator=gen, dtype=torch.float64).to(dev)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+                profile = step_fn(self.profile_precond, profile_noise, cond, num_steps=steps)
+                y = step_fn(self.precond, noise, {**cond, "profile": profile.float()}, num_steps=steps)
+            layers = self.space.profile.inverse(profile, e_mev, cond["geometry"])  # (B, Z) MeV
+            return self.pre.inverse(y, e_mev, threshold=threshold, layers=layers).float().cpu().numpy()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
             y = step_fn(self.precond, noise, cond, num_steps=steps)
         # no cell can hold more than the incident energy: cap the model-space value there (an
         # undertrained model can otherwise overflow exp() in the inverse transform) ...
-        e_mev = cond["energy"].double() * 1e3
         top = e_mev.reshape(-1, 1, 1, 1)
         if cell_cap and geometry in self.config.geometry_cell_max:
             # ... nor more than the brightest cell of the geometry's training data (docs/generation.md)
             limit = self.config.geometry_cell_max[geometry] * self.pre.unit(top, e_mev)
             top = torch.minimum(top, torch.as_tensor(limit, dtype=top.dtype, device=dev))
         cap = self.pre.forward(top.expand_as(y), e_mev)
-        showers = self.pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=self.threshold(geometry))
+        showers = self.pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=threshold)
         return showers.cpu().numpy()
 
 

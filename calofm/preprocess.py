@@ -1,7 +1,13 @@
 """Invertible shower preprocessing: MeV cell energies <-> the model space the diffusion works in.
 
-forward:  y = (log(x / u + eps) - mean) / std     x >= 0 in MeV, u = E_inc ("fraction") or 1 MeV ("absolute")
-inverse:  x = u (exp(y std + mean) - eps), then cells below max(noise_cut eps u, readout threshold) -> 0
+forward:  y = (log(x / u + eps) - mean) / std     x >= 0 in MeV, u = E_inc ("fraction"), 1 MeV ("absolute")
+                                                  or the energy of the cell's layer ("layer")
+inverse:  x = u (exp(y std + mean) - eps), then cells below max(noise_cut eps u, readout threshold) -> 0;
+          "layer": each layer is normalised to 1, scaled to its given energy, cut at the threshold and
+          scaled again, so every layer holds exactly its energy (the energy-factorised variant)
+
+``ProfilePreprocessor`` is the transform of the factorised variant's energy model: layer energies ->
+[log(E_tot / E_inc), log(E_z / E_tot + eps)] standardised per geometry.
 
 Default "fraction", eps = 1e-6, noise_cut = 2, chosen by measurement (docs/pretraining.md): the small
 model trained 500 steps on Par04 Si-W/ODD/ILD reproduced the median total energy at 5/50/500 GeV to
@@ -22,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 VERSION = 2  # 2 added noise_cut; version-1 states load with noise_cut = 0
+MODES = ("absolute", "fraction", "layer")
 
 
 class ShowerPreprocessor:
@@ -29,15 +36,15 @@ class ShowerPreprocessor:
 
     def __init__(
         self,
-        mode: Literal["absolute", "fraction"] = "fraction",
+        mode: Literal["absolute", "fraction", "layer"] = "fraction",
         eps: float | None = None,
         mean: float = 0.0,
         std: float = 1.0,
         count: int = 0,
         noise_cut: float = 0.0,
     ):
-        if mode not in ("absolute", "fraction"):
-            raise ValueError(f"preprocessing mode must be 'absolute' or 'fraction', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
         eps = (1e-3 if mode == "absolute" else 1e-6) if eps is None else float(eps)
         if not eps > 0 or not std > 0 or not math.isfinite(mean) or not 0 <= noise_cut < math.inf:
             raise ValueError(f"preprocessing needs eps > 0, std > 0, a finite mean and noise_cut >= 0 "
@@ -46,37 +53,76 @@ class ShowerPreprocessor:
         self.noise_cut = float(noise_cut)  # inverse: cells below noise_cut * eps * u are empty
 
     # -- transforms ---------------------------------------------------------------------------
-    def unit(self, x: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor | float:
-        """Energy unit per sample, (B, 1, ..., 1) MeV or 1.0."""
+    def unit(self, x: torch.Tensor, energy: torch.Tensor | None, layers: torch.Tensor | None = None):
+        """Energy unit per sample, (B, 1, ..., 1) MeV or 1.0; "layer": per layer (B, 1, 1, Z) from ``layers``
+        (B, Z) MeV, or from x's own layer sums (empty layers get unit 1: their cells are all 0)."""
         if self.mode == "absolute":
             return 1.0
+        if self.mode == "layer":
+            sums = x.sum(dim=(1, 2)) if layers is None else torch.as_tensor(layers, dtype=x.dtype, device=x.device)
+            return torch.where(sums > 0, sums, torch.ones_like(sums))[:, None, None, :]
         if energy is None:
             raise ValueError("preprocessing mode 'fraction' needs the incident energy (MeV)")
         return torch.as_tensor(energy, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
 
-    def forward(self, showers: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
-        """Showers (B, ...) MeV, incident energy (B,) MeV -> model space, same shape, float32 or wider."""
+    def forward(self, showers: torch.Tensor, energy: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """Showers (B, ...) MeV, incident energy (B,) MeV -> model space, same shape, float32 or wider.
+
+        ``check=False`` skips the non-negativity check (a host sync): the training loop's data were checked
+        when their files were read."""
         x = showers if showers.dtype in (torch.float32, torch.float64) else showers.float()
-        if (x < 0).any():
+        if check and (x < 0).any():
             raise ValueError("showers must be non-negative energies in MeV")
         return (torch.log(x / self.unit(x, energy) + self.eps) - self.mean) / self.std
 
     __call__ = forward
 
     def inverse(
-        self, y: torch.Tensor, energy: torch.Tensor | None = None, threshold: torch.Tensor | float = 0.0
+        self, y: torch.Tensor, energy: torch.Tensor | None = None, threshold: torch.Tensor | float = 0.0,
+        layers: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Model space -> MeV (B, ...), non-negative; cells below the noise cut or ``threshold`` (MeV, scalar
-        or (B,)) -> 0."""
+        or (B,)) -> 0. "layer" mode needs ``layers`` (B, Z) MeV, the energy every layer must hold."""
         y = y if y.dtype in (torch.float32, torch.float64) else y.float()
-        unit = self.unit(y, energy)
-        x = (torch.exp(y * self.std + self.mean) - self.eps).clamp_min(0.0) * unit
-        threshold = torch.as_tensor(threshold, dtype=x.dtype, device=x.device)
+        threshold = torch.as_tensor(threshold, dtype=y.dtype, device=y.device)
         if threshold.ndim:
-            threshold = threshold.reshape(-1, *([1] * (x.ndim - 1)))
+            threshold = threshold.reshape(-1, *([1] * (y.ndim - 1)))
+        log_rel = y * self.std + self.mean
+        if self.mode == "layer":  # no cell holds more than its layer: also keeps exp() finite for any y
+            log_rel = log_rel.clamp_max(math.log1p(self.eps))
+        rel = (torch.exp(log_rel) - self.eps).clamp_min(0.0)  # x / unit
+        if self.mode == "layer":
+            if layers is None:
+                raise ValueError("preprocessing mode 'layer' needs the layer energies (MeV) to invert")
+            return self._inverse_layers(rel, log_rel, torch.as_tensor(layers, dtype=rel.dtype, device=rel.device),
+                                        threshold)
+        unit = self.unit(y, energy)
+        x = rel * unit
         noise = torch.as_tensor(self.noise_cut * self.eps * unit, dtype=x.dtype, device=x.device)
         cut = torch.maximum(threshold, noise)
         return torch.where(x >= cut, x, torch.zeros_like(x))
+
+    def _inverse_layers(self, rel, log_rel, layers: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Cell shares of each layer (B, R, P, Z) -> MeV with every layer summing exactly to ``layers`` (B, Z).
+
+        Noise cut, normalise, scale, readout threshold, then scale the surviving cells up to the layer energy
+        (so no surviving cell falls below the threshold). A layer the network left empty gets its energy in
+        the cell it rated highest; a layer whose energy is below the threshold ends empty, as in the detector."""
+        rel = torch.where(rel >= self.noise_cut * self.eps, rel, torch.zeros_like(rel))
+        empty = rel.sum(dim=(1, 2), keepdim=True) <= 0  # (B, 1, 1, Z)
+        if empty.any():
+            flat = log_rel.flatten(1, 2)  # (B, R*P, Z)
+            top = torch.zeros_like(flat).scatter_(1, flat.argmax(dim=1, keepdim=True), 1.0).reshape(rel.shape)
+            rel = torch.where(empty, top, rel)
+        target = layers.clamp_min(0.0)[:, None, None, :]  # (B, 1, 1, Z)
+
+        def scale_to_target(x):
+            sums = x.sum(dim=(1, 2), keepdim=True)
+            return torch.where(sums > 0, x * (target / sums.clamp_min(torch.finfo(x.dtype).tiny)), torch.zeros_like(x))
+
+        x = scale_to_target(rel)
+        x = torch.where(x >= threshold, x, torch.zeros_like(x))
+        return scale_to_target(x)
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, batches: Iterable[Any]) -> ShowerPreprocessor:
@@ -84,23 +130,17 @@ class ShowerPreprocessor:
 
         Chan et al.'s pairwise update in float64: memory is one batch, the result independent of batching.
         """
-        n, mean, m2 = 0, 0.0, 0.0
+        stats = RunningStats()
         self.mean, self.std = 0.0, 1.0  # forward() with identity stats gives the raw log values
         for batch in batches:
             showers, energy = (batch["showers"], batch.get("energy")) if isinstance(batch, Mapping) else batch
-            v = self.forward(torch.as_tensor(showers).double(), energy).flatten()  # log in float64 too
-            nb, mb = v.numel(), v.mean().item()
-            m2b = (v - mb).square().sum().item()
-            delta, total = mb - mean, n + nb
-            mean += delta * nb / total
-            m2 += m2b + delta**2 * n * nb / total
-            n = total
-        if n < 2:
+            stats.update(self.forward(torch.as_tensor(showers).double(), energy).reshape(-1, 1))  # float64 logs
+        if stats.n < 2:
             raise ValueError("fit needs at least two cells of data")
-        std = math.sqrt(m2 / n)
+        mean, std = stats.mean[0].item(), stats.std[0].item()
         if not std > 0:
             raise ValueError("fit: the data has zero spread in model space")
-        self.mean, self.std, self.count = mean, std, n
+        self.mean, self.std, self.count = mean, std, stats.n
         return self
 
     # -- JSON-able state (lives in CaloDiTConfig.preprocessing) --------------------------------
@@ -128,3 +168,205 @@ class ShowerPreprocessor:
     def __repr__(self) -> str:
         return (f"ShowerPreprocessor(mode={self.mode!r}, eps={self.eps:g}, mean={self.mean:.4f}, "
                 f"std={self.std:.4f}, noise_cut={self.noise_cut:g})")
+
+
+class RunningStats:
+    """Streamed per-column mean and (population) std of (N, D) batches: Chan et al.'s pairwise update in
+    float64, so memory is one batch and the result does not depend on how the data were batched."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def update(self, v: torch.Tensor) -> None:
+        v = torch.as_tensor(v, dtype=torch.float64)
+        if v.shape[0] == 0:
+            return
+        nb, mb = v.shape[0], v.mean(dim=0)
+        m2b = (v - mb).square().sum(dim=0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        delta, total = mb - self.mean, self.n + nb
+        self.mean = self.mean + delta * nb / total
+        self.m2 = self.m2 + m2b + delta**2 * self.n * nb / total
+        self.n = total
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / self.n).sqrt()
+
+
+PROFILE_VERSION = 1
+
+
+class ProfilePreprocessor:
+    """Layer energies <-> the profile vector the factorised variant's energy model works in.
+
+    forward:  v = [log(E_tot / E_inc), log(E_z / E_tot + eps) for z = 1..Z],  y = (v - mean_g) / std_g
+    inverse:  E_tot = E_inc exp(v_0);  shares s_z = exp(v_z) - eps, those below noise_cut eps set to 0, then
+              normalised to sum 1;  E_z = E_tot s_z
+
+    The total is its own coordinate, so its mean and spread (the detector's response and resolution) are
+    learned directly instead of through the correlations of 45 layers. Statistics are per geometry g
+    (``fit``; a new geometry is added with ``fit`` on its data at adaptation), since visible fractions differ
+    by 5x between detectors and some layers are empty in one detector and full in another. A column with
+    no spread in a geometry (a layer behind its calorimeter) is standardised with std 1.
+    """
+
+    def __init__(self, eps: float = 1e-6, noise_cut: float = 1.0, stats: Mapping[str, Mapping] | None = None):
+        if not 0 < eps < 1 or not 0 <= noise_cut < math.inf:
+            raise ValueError(f"profile preprocessing needs 0 < eps < 1 and noise_cut >= 0 (eps={eps}, "
+                             f"noise_cut={noise_cut})")
+        self.eps, self.noise_cut = float(eps), float(noise_cut)
+        self.stats: dict[str, dict[str, Any]] = {}
+        self._tables: dict = {}  # (device, dtype) -> (mean, std) tables indexed by slot
+        for name, entry in (stats or {}).items():
+            self._set(name, int(entry["slot"]), entry["mean"], entry["std"], int(entry.get("count", 0)))
+
+    def _set(self, name: str, slot: int, mean, std, count: int) -> None:
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != len(std) or not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
+            raise ValueError(f"profile statistics of {name}: need finite means and std > 0 of equal length")
+        if any(e["slot"] == slot for n, e in self.stats.items() if n != name):
+            raise ValueError(f"profile statistics: slot {slot} of {name} is taken by another geometry")
+        self.stats[name] = {"slot": slot, "mean": mean, "std": std, "count": count}
+        self._tables.clear()
+
+    @property
+    def geometries(self) -> dict[str, int]:
+        return {name: e["slot"] for name, e in self.stats.items()}
+
+    @property
+    def width(self) -> int:
+        """Length of the profile vector, Z + 1."""
+        if not self.stats:
+            raise ValueError("profile preprocessing has no fitted geometry")
+        return len(next(iter(self.stats.values()))["mean"])
+
+    def _table(self, slots: torch.Tensor, dtype, device, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (mean, std) (B, Z + 1) for geometry slots (B,), gathered on ``device`` from a cached table.
+
+        ``check=False`` skips the test that every slot was fitted (a host sync); an unfitted slot then gives NaN.
+        """
+        if not self.stats:
+            raise ValueError("profile preprocessing has no fitted geometry")
+        key = (str(device), dtype)
+        if key not in self._tables:
+            width = len(next(iter(self.stats.values()))["mean"])
+            n = max(e["slot"] for e in self.stats.values()) + 1
+            mean = torch.zeros(n, width, dtype=dtype)
+            std = torch.full((n, width), math.nan, dtype=dtype)
+            for e in self.stats.values():
+                mean[e["slot"]] = torch.tensor(e["mean"], dtype=dtype)
+                std[e["slot"]] = torch.tensor(e["std"], dtype=dtype)
+            self._tables[key] = mean.to(device), std.to(device)
+        mean, std = self._tables[key]
+        slots = torch.as_tensor(slots, dtype=torch.long, device=device)
+        if check:
+            known = set(self.geometries.values())
+            if not set(slots.unique().tolist()) <= known:
+                raise ValueError(f"profile preprocessing has no statistics for geometry slot(s) "
+                                 f"{sorted(set(slots.unique().tolist()) - known)}")
+        return mean[slots], std[slots]
+
+    def features(self, layers: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """Layer energies (B, Z) and E_inc (B,) in MeV -> unstandardised profile vectors (B, Z + 1)."""
+        layers = torch.as_tensor(layers)
+        layers = layers if layers.dtype in (torch.float32, torch.float64) else layers.float()
+        total = layers.sum(dim=1, keepdim=True)
+        tiny = torch.finfo(layers.dtype).tiny
+        ratio = torch.log(total.clamp_min(tiny) / torch.as_tensor(energy, dtype=layers.dtype,
+                                                                   device=layers.device).reshape(-1, 1))
+        shares = torch.log(layers / total.clamp_min(tiny) + self.eps)
+        return torch.cat([ratio, shares], dim=1)
+
+    def forward(self, layers: torch.Tensor, energy: torch.Tensor, slots: torch.Tensor, check: bool = True):
+        """Layer energies (B, Z) MeV, E_inc (B,) MeV, geometry slots (B,) -> model space (B, Z + 1)."""
+        v = self.features(layers, energy)
+        mean, std = self._table(slots, v.dtype, v.device, check)
+        return (v - mean) / std
+
+    __call__ = forward
+
+    def inverse(self, y: torch.Tensor, energy: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Model space (B, Z + 1) -> layer energies (B, Z) MeV, non-negative, summing to the sampled total."""
+        y = y if y.dtype in (torch.float32, torch.float64) else y.float()
+        mean, std = self._table(slots, y.dtype, y.device)
+        v = y * std + mean
+        # a shower deposits at most E_inc, a layer at most the total: also keeps exp() finite for any y
+        total = torch.as_tensor(energy, dtype=y.dtype, device=y.device).reshape(-1, 1) * torch.exp(v[:, :1].clamp_max(0))
+        shares = (torch.exp(v[:, 1:].clamp_max(math.log1p(self.eps))) - self.eps).clamp_min(0.0)
+        shares = torch.where(shares >= self.noise_cut * self.eps, shares, torch.zeros_like(shares))
+        norm = shares.sum(dim=1, keepdim=True)
+        # all shares cut (never seen in practice): the total goes to the layer the network rated highest
+        fallback = torch.nn.functional.one_hot(v[:, 1:].argmax(dim=1), shares.shape[1]).to(shares)
+        shares = torch.where(norm > 0, shares / norm.clamp_min(torch.finfo(y.dtype).tiny), fallback)
+        return total * shares
+
+    def fit(self, batches: Iterable[tuple[str, int, torch.Tensor, torch.Tensor]]) -> ProfilePreprocessor:
+        """Per-geometry statistics from (geometry name, slot, layer energies (B, Z) MeV, E_inc (B,) MeV) batches;
+        geometries already fitted and not in ``batches`` keep theirs."""
+        running: dict[str, tuple[int, RunningStats]] = {}
+        for name, slot, layers, energy in batches:
+            running.setdefault(name, (int(slot), RunningStats()))[1].update(
+                self.features(torch.as_tensor(layers).double(), torch.as_tensor(energy).double()))
+        for name, (slot, stats) in running.items():
+            if stats.n < 2:
+                raise ValueError(f"profile fit: geometry {name} needs at least two showers")
+            std = torch.where(stats.std > 1e-3, stats.std, torch.ones_like(stats.std))  # constant columns: 1
+            self._set(name, slot, stats.mean.tolist(), std.tolist(), stats.n)
+        return self
+
+    # -- JSON-able state (lives in CaloDiTConfig.profile_preprocessing) ----------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": PROFILE_VERSION, "eps": self.eps, "noise_cut": self.noise_cut,
+                "stats": {name: dict(e) for name, e in self.stats.items()}}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> ProfilePreprocessor:
+        state = dict(state)
+        if state.pop("version", None) != PROFILE_VERSION:
+            raise ValueError(f"profile preprocessing state: expected version {PROFILE_VERSION}")
+        unknown = set(state) - {"eps", "noise_cut", "stats"}
+        if unknown:
+            raise ValueError(f"profile preprocessing state: unknown keys {sorted(unknown)}")
+        return cls(**state)
+
+    def __repr__(self) -> str:
+        return f"ProfilePreprocessor(eps={self.eps:g}, noise_cut={self.noise_cut:g}, geometries={self.geometries})"
+
+
+class ModelSpace:
+    """Everything between a batch of MeV showers and a model's inputs, and back: the shower transform and,
+    for the energy-factorised variant, the profile transform. Built from a CaloDiT config (``from_config``)."""
+
+    def __init__(self, shower: ShowerPreprocessor, profile: ProfilePreprocessor | None = None):
+        if (shower.mode == "layer") != (profile is not None):
+            raise ValueError("the 'layer' shower transform and the profile transform go together (factorised)")
+        self.shower, self.profile = shower, profile
+
+    @classmethod
+    def from_config(cls, config) -> ModelSpace:
+        if not config.preprocessing:
+            raise ValueError("model config has no preprocessing statistics (was it trained with calofm?)")
+        profile = None
+        if getattr(config, "variant", "single") == "factorised":
+            if not config.profile_preprocessing:
+                raise ValueError("factorised model config has no profile_preprocessing statistics")
+            profile = ProfilePreprocessor.from_dict(config.profile_preprocessing)
+        return cls(ShowerPreprocessor.from_dict(config.preprocessing), profile)
+
+    @property
+    def factorised(self) -> bool:
+        return self.profile is not None
+
+    def inputs(self, batch: Mapping[str, torch.Tensor], device, check: bool = False) -> tuple[torch.Tensor, dict]:
+        """Loader batch (showers MeV, energy MeV, phi, theta rad, geometry slot) -> (x in model space, conditions
+        for the network: energy GeV, phi, theta, geometry and, factorised, the profile in its model space)."""
+        showers, energy = batch["showers"].to(device), batch["energy"].to(device)
+        cond = {"energy": energy / 1e3, "phi": batch["phi"].to(device), "theta": batch["theta"].to(device),
+                "geometry": batch["geometry"].to(device)}
+        if self.profile is not None:
+            layers = showers.sum(dim=(1, 2), dtype=torch.float64)
+            cond["profile"] = self.profile(layers, energy.double(), cond["geometry"], check=check).float()
+        return self.shower.forward(showers, energy, check=check), cond

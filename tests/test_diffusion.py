@@ -100,11 +100,66 @@ def test_sampler_accepts_explicit_schedule_and_rejects_bad_ones(noise):
 def test_precond_at_init_is_c_skip_times_x(noise):
     torch.manual_seed(0)
     precond = EDMPrecond(create_model("tiny").eval())
-    assert precond.sigma_data == 0.5 and precond.sigma_max == 80.0
+    assert precond.sigma_data == 1.0 and precond.sigma_max == 80.0  # new models: unit-variance model space
     x, sigma = noise[:4].double(), torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
     out = precond(x, sigma, **cond_for(4))
-    c_skip = (0.25 / (sigma**2 + 0.25)).reshape(-1, 1, 1, 1)
+    c_skip = (1 / (sigma**2 + 1)).reshape(-1, 1, 1, 1)
     assert out.dtype == torch.float64 and torch.equal(out, c_skip * x)
+
+
+class RecordingNet(torch.nn.Module):
+    """A stub F that records its inputs and returns a fixed tensor, to check every EDM scaling exactly."""
+
+    def __init__(self, output, sigma_data):
+        super().__init__()
+        self.output, self.sigma_data, self.seen = output, sigma_data, {}
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # a parameter, for the dtype EDMPrecond reads
+
+    def forward(self, x, c_noise, **cond):
+        self.seen = {"x": x.clone(), "c_noise": c_noise.clone(), **cond}
+        return self.output.to(x.dtype)
+
+
+@pytest.mark.parametrize("sd", [0.5, 1.0, 2.0])
+def test_precond_scalings_with_a_recording_network(noise, sd):
+    """D = c_skip x + c_out F(c_in x, ln(sigma)/4) with EDM Table 1's c_skip, c_out, c_in for this sigma_data."""
+    x = noise[:3].double()
+    sigma = torch.tensor([0.02, 1.0, 40.0], dtype=torch.float64)
+    f_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    net = RecordingNet(f_out, sd)
+    out = EDMPrecond(net)(x, sigma, geometry=torch.tensor([1, 2, 3]))
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_in, c_skip = 1 / torch.sqrt(s**2 + sd**2), sd**2 / (s**2 + sd**2)
+    c_out = s * sd / torch.sqrt(s**2 + sd**2)
+    torch.testing.assert_close(net.seen["x"], (c_in * x).float())  # F gets c_in x (in its dtype) ...
+    torch.testing.assert_close(net.seen["c_noise"], (sigma.log() / 4).float())  # ... and ln(sigma) / 4
+    assert torch.equal(net.seen["geometry"], torch.tensor([1, 2, 3]))  # conditions pass through untouched
+    torch.testing.assert_close(out, c_skip * x + c_out * f_out)
+    # the input to F has unit variance at every noise level when the data have std sigma_data
+    data = sd * torch.randn(4000, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for level in (0.01, 1.0, 80.0):
+        net = RecordingNet(torch.zeros(()), sd)
+        EDMPrecond(net)(data + level * torch.randn(data.shape, generator=torch.Generator().manual_seed(5),
+                                                   dtype=torch.float64), level)
+        assert abs(net.seen["x"].std().item() - 1) < 0.05
+
+
+def test_zero_network_loss_is_one_on_unit_variance_data():
+    """With sigma_data = 1 on standardised data, the EDM-weighted loss of F = 0 is 1 for every sigma.
+
+    D - x = (c_skip - 1) x + c_skip sigma n, so E|D - x|^2 = sigma^2 / (sigma^2 + 1) and times
+    lambda = (sigma^2 + 1) / sigma^2 that is 1. sigma_data = 0.5 on the same data gives ~2.1 (between 1 and 4
+    depending on sigma), what runs logged at step 0 before sigma_data matched the data."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 9, 16, 45, generator=torch.Generator().manual_seed(1))
+    cond = cond_for(512)
+    net = create_model("tiny", patch_size=(3, 4, 5)).eval()
+    with torch.no_grad():
+        loss = edm_loss(EDMPrecond(net), x, cond, generator=torch.Generator().manual_seed(2))
+        old = edm_loss(EDMPrecond(net, config=type("C", (), {"sigma_data": 0.5})()), x, cond,
+                       generator=torch.Generator().manual_seed(2))
+    assert abs(loss.mean().item() - 1) < 0.02
+    assert 1.8 < old.mean().item() < 2.4
 
 
 def test_edm_loss_per_sample_finite_and_reproducible(noise):
@@ -121,7 +176,7 @@ def test_edm_loss_per_sample_finite_and_reproducible(noise):
     part = edm_loss(precond, x[:2], {k: v[:2] for k, v in cond.items()}, sigma=sigma[:2], noise=eps[:2])
     torch.testing.assert_close(part, loss[:2])
     # at init F = 0, so D = c_skip (x + sigma n) and the loss has a closed form
-    sd, s4 = 0.5, sigma.reshape(-1, 1, 1, 1)
+    sd, s4 = 1.0, sigma.reshape(-1, 1, 1, 1)
     denoised = sd**2 / (s4**2 + sd**2) * (x + s4 * eps)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     torch.testing.assert_close(loss, weight * (denoised - x).square().flatten(1).mean(1))

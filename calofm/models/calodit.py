@@ -1,7 +1,16 @@
 """CaloDiT: a DiT with adaLN-Zero over 3D patches of the (r, phi, z) shower mesh (CaloDiT-2 style).
 
-Order as DiT's models.py: config -> patch embedding -> block -> final layer -> model. The network
-here is the raw EDM network F; preconditioning, loss and samplers live in ``calofm.diffusion``.
+Order as DiT's models.py: config -> patch embedding -> model (blocks and final layer are shared in
+``calofm.models.layers``). The network here is the raw EDM network F; preconditioning, loss and
+samplers live in ``calofm.diffusion``.
+
+Two variants share the class and one ``config.json``:
+
+- ``single`` (CaloDiT-2's layout): F denoises the whole shower, cell energies / E_inc in log space.
+- ``factorised``: an energy model (``energy_net``, ``calofm.models.energy``) denoises the longitudinal
+  profile (total energy and the 45 layer shares); the shower network denoises each layer's normalised
+  cell distribution, conditioned on that profile as well. Generation samples the profile first, then
+  the shapes, and rescales every layer to its sampled energy exactly (``calofm.generate``).
 """
 
 from __future__ import annotations
@@ -16,16 +25,16 @@ from einops import rearrange
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from calofm.geometry import MESH_SHAPE, N_SLOTS
+from calofm.models.energy import LayerEnergyNet
 from calofm.models.layers import (
-    Attention,
     ConditionEmbedder,
-    Mlp,
+    DiTBlock,
+    FinalLayer,
+    ShowerConditions,
     TimestepEmbedder,
     ZeroLinear,
-    modulate,
     sincos_pos_embed_3d,
 )
 
@@ -39,6 +48,7 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's tensors do not match the model exactly (missing, unexpected or reshaped keys)."""
 
 
+VARIANTS = ("single", "factorised")
 _BASE_KWARGS = {"model_type", "name_or_path", "torch_dtype", "attn_implementation", "output_attentions"}
 
 
@@ -56,16 +66,25 @@ class CaloDiTConfig(PreTrainedConfig):
     frequency_embedding_size: int = 256
     n_geometry_slots: int = N_SLOTS  # rows of geometry_embed; spare rows are for adapting to new detectors
     cond_dropout: float = 0.0  # training-time probability of dropping all conditions (classifier-free guidance)
-    # EDM (Karras et al. 2022) constants, as CaloDiT-2.
-    sigma_data: float = 0.5
+    variant: str = "single"  # "single" (the whole shower) or "factorised" (energy model + per-layer shapes)
+    # energy model of the factorised variant: a DiT over the Z + 1 profile tokens
+    energy_hidden_size: int = 64
+    energy_num_layers: int = 3
+    energy_num_heads: int = 4
+    # EDM (Karras et al. 2022) constants as CaloDiT-2, except sigma_data: the model space is standardised to
+    # unit variance, so 1 (EDM's preconditioning then gives the network unit-variance inputs and targets).
+    # Checkpoints written before carry their 0.5 in config.json and load with it.
+    sigma_data: float = 1.0
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
     P_mean: float = -1.2
     P_std: float = 1.2
     # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV,
-    # -> largest cell energy in the training data in preprocessing units (fraction of E_inc, or MeV if "absolute")
+    # -> largest cell energy in the training data in preprocessing units (fraction of E_inc, or MeV if "absolute");
+    # factorised: ProfilePreprocessor.state_dict() (per-geometry statistics of the profile vector)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    profile_preprocessing: dict[str, Any] = field(default_factory=dict)
     geometry_slots: dict[str, int] = field(default_factory=dict)
     geometry_thresholds: dict[str, float] = field(default_factory=dict)
     geometry_cell_max: dict[str, float] = field(default_factory=dict)
@@ -83,6 +102,7 @@ class CaloDiTConfig(PreTrainedConfig):
         self.geometry_thresholds = {k: float(v) for k, v in (self.geometry_thresholds or {}).items()}
         self.geometry_cell_max = {k: float(v) for k, v in (self.geometry_cell_max or {}).items()}
         self.preprocessing = dict(self.preprocessing or {})
+        self.profile_preprocessing = dict(self.profile_preprocessing or {})
         self._check()
         super().__post_init__(**kwargs)
 
@@ -106,6 +126,13 @@ class CaloDiTConfig(PreTrainedConfig):
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         ints("n_geometry_slots", [self.n_geometry_slots], low=N_SLOTS)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"CaloDiTConfig.variant={self.variant!r}: expected one of {VARIANTS}")
+        for name in ("energy_hidden_size", "energy_num_layers", "energy_num_heads"):
+            ints(name, [getattr(self, name)])
+        if self.energy_hidden_size % self.energy_num_heads:
+            raise ValueError(f"energy_hidden_size {self.energy_hidden_size} is not divisible by "
+                             f"{self.energy_num_heads} heads")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.rho <= 0 or self.P_std <= 0:
@@ -121,6 +148,10 @@ class CaloDiTConfig(PreTrainedConfig):
             raise ValueError("geometry_cell_max names a geometry that is not in geometry_slots")
         if not all(0 < v < math.inf for v in self.geometry_cell_max.values()):
             raise ValueError(f"geometry_cell_max {self.geometry_cell_max}: values must be finite and > 0")
+
+    @property
+    def factorised(self) -> bool:
+        return self.variant == "factorised"
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
@@ -156,43 +187,6 @@ class PatchEmbed3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_mesh(x, self.pad).unsqueeze(1)  # (B, 1, R', P', Z')
         return rearrange(self.conv(x), "b d r p z -> b (r p z) d")  # (B, T, D)
-
-
-# ----------------------------------------------------------------------------------------------
-# Blocks
-# ----------------------------------------------------------------------------------------------
-
-
-class DiTBlock(GradientCheckpointingLayer):
-    """Transformer block with adaLN-Zero: shift/scale/gate for attention and for the MLP from c."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = ZeroLinear(hidden_size, 6 * hidden_size)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a Linear from each token to its patch of cells."""
-
-    def __init__(self, hidden_size: int, patch_volume: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = ZeroLinear(hidden_size, 2 * hidden_size)
-        self.linear = ZeroLinear(hidden_size, patch_volume)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, patch volume)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +228,12 @@ class CaloDiTPreTrainedModel(PreTrainedModel):
             init.copy_(module.pos_embed, module.build_pos_embed().to(module.pos_embed))
 
 
-class CaloDiTModel(CaloDiTPreTrainedModel):
-    """Raw network F(x, c_noise, energy, phi, theta, geometry) -> (B, R, P, Z), a tensor in model space."""
+class CaloDiTModel(ShowerConditions, CaloDiTPreTrainedModel):
+    """Raw network F(x, c_noise, energy, phi, theta, geometry[, profile]) -> (B, R, P, Z) in model space.
+
+    The factorised variant also holds ``energy_net`` (the profile's F) and conditions the shower network on
+    the profile vector (B, Z + 1) through ``profile_embed``.
+    """
 
     def __init__(self, config: CaloDiTConfig):
         super().__init__(config)
@@ -243,12 +241,16 @@ class CaloDiTModel(CaloDiTPreTrainedModel):
         self.patch_embed = PatchEmbed3D(config.mesh_shape, config.patch_size, d)
         self.register_buffer("pos_embed", self.build_pos_embed(), persistent=False)  # (1, T, D), frozen
         self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size)
-        # One small MLP per continuous condition; all are summed with the timestep embedding (CaloDiT-2).
-        self.energy_embed = ConditionEmbedder(1, d)  # log(E / GeV)
-        self.angle_embed = ConditionEmbedder(2, d)  # (sin phi, cos phi): continuous across phi = +-pi
-        self.theta_embed = ConditionEmbedder(1, d)  # theta in rad
-        # A one-hot times a matrix is this lookup; peft can target it (modules_to_save, trainable_token_indices).
-        self.geometry_embed = nn.Embedding(config.n_geometry_slots, d)
+        # One small MLP per continuous condition, summed with the timestep embedding (CaloDiT-2), and the
+        # geometry lookup, which peft can train row by row (trainable_token_indices).
+        self.build_condition_embedders(d, config.n_geometry_slots)
+        if config.factorised:
+            n_layers = config.mesh_shape[2]
+            self.profile_embed = ConditionEmbedder(n_layers + 1, d)
+            self.energy_net = LayerEnergyNet(
+                n_layers, config.energy_hidden_size, config.energy_num_layers, config.energy_num_heads,
+                frequency_embedding_size=config.frequency_embedding_size, n_slots=config.n_geometry_slots,
+                cond_dropout=config.cond_dropout)
         self.blocks = nn.ModuleList(
             DiTBlock(d, config.num_attention_heads, config.mlp_ratio) for _ in range(config.num_hidden_layers)
         )
@@ -260,21 +262,6 @@ class CaloDiTModel(CaloDiTPreTrainedModel):
         pos = sincos_pos_embed_3d(self.config.grid_size, self.config.hidden_size, periodic=(False, True, False))
         return pos[None]
 
-    def embed_conditions(self, energy, phi, theta, geometry, drop_cond=None) -> torch.Tensor:
-        """Sum of the condition embeddings (B, D); rows with drop_cond True are zeroed (unconditional)."""
-        energy, phi, theta = energy.float(), phi.float(), theta.float()
-        cond = (
-            self.energy_embed(torch.log(energy)[:, None])
-            + self.angle_embed(torch.stack([torch.sin(phi), torch.cos(phi)], dim=-1))
-            + self.theta_embed(theta[:, None])
-            + self.geometry_embed(geometry)
-        )
-        if drop_cond is None and self.training and self.config.cond_dropout > 0:
-            drop_cond = torch.rand(cond.shape[0], device=cond.device) < self.config.cond_dropout
-        if drop_cond is not None:
-            cond = cond * (~drop_cond).to(cond.dtype)[:, None]
-        return cond
-
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, pr*pp*pz) -> (B, R, P, Z), cropping the padding (the wrapped phi copy is dropped)."""
         (gr, gp, gz), (pr, pp, pz) = self.config.grid_size, self.config.patch_size
@@ -282,11 +269,18 @@ class CaloDiTModel(CaloDiTPreTrainedModel):
         n_r, n_phi, n_z = self.config.mesh_shape
         return x[:, :n_r, :n_phi, :n_z]
 
-    def forward(self, x, c_noise, energy, phi, theta, geometry, drop_cond=None) -> torch.Tensor:
+    def forward(self, x, c_noise, energy, phi, theta, geometry, profile=None, drop_cond=None) -> torch.Tensor:
         """x (B, R, P, Z) model space, c_noise = ln(sigma)/4 (B,), energy GeV (B,), phi/theta rad (B,),
-        geometry slots long (B,); drop_cond bool (B,) forces the unconditional branch (CFG)."""
+        geometry slots long (B,); factorised: profile (B, Z + 1) in the profile's model space;
+        drop_cond bool (B,) forces the unconditional branch (CFG)."""
         tokens = self.patch_embed(x.to(self.dtype)) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(c_noise) + self.embed_conditions(energy, phi, theta, geometry, drop_cond)  # (B, D)
+        extra = None
+        if self.config.factorised:
+            if profile is None:
+                raise ValueError("the factorised CaloDiT needs the profile (B, Z + 1) as a condition")
+            extra = self.profile_embed(profile.float())
+        cond = self.embed_conditions(energy, phi, theta, geometry, drop_cond, self.config.cond_dropout, extra)
+        c = self.t_embedder(c_noise) + cond  # (B, D)
         # DiT applies SiLU inside every adaLN_modulation; doing it once here keeps adaLN_modulation a plain
         # Linear (a valid LoRA target) with the same function.
         c = F.silu(c)

@@ -1,7 +1,8 @@
-"""Shared transformer layers: adaLN modulation, embedders, attention, MLP, 3D sin-cos positions.
+"""Shared transformer layers: adaLN modulation, embedders, attention, MLP, DiT blocks, 3D sin-cos positions.
 
-Pure torch + einops, no config objects: every layer takes plain sizes, so other model families
-can reuse them. Module names (``qkv``, ``proj``, ``fc1``, ``fc2``) are public API for LoRA.
+Plain sizes, no config objects, so every network of calofm (the CaloDiT shower network, the layer-energy
+network, baselines) reuses them. Module names (``qkv``, ``proj``, ``fc1``, ``fc2``, ``adaLN_modulation``)
+are public API for LoRA.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -111,6 +113,71 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(GradientCheckpointingLayer):
+    """Transformer block with adaLN-Zero: shift/scale/gate for attention and for the MLP from c."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = ZeroLinear(hidden_size, 6 * hidden_size)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a Linear from each token to its ``out_features`` values (a patch of cells)."""
+
+    def __init__(self, hidden_size: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = ZeroLinear(hidden_size, 2 * hidden_size)
+        self.linear = ZeroLinear(hidden_size, out_features)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, out_features)
+
+
+class ShowerConditions:
+    """Mixin for networks conditioned like CaloDiT-2: one MLP per continuous condition plus a geometry lookup.
+
+    ``build_condition_embedders`` creates ``energy_embed`` (log E/GeV), ``angle_embed`` (sin, cos phi),
+    ``theta_embed`` (rad) and ``geometry_embed`` (one row per one-hot slot; peft can train single rows).
+    """
+
+    def build_condition_embedders(self, hidden_size: int, n_slots: int) -> None:
+        self.energy_embed = ConditionEmbedder(1, hidden_size)
+        self.angle_embed = ConditionEmbedder(2, hidden_size)  # continuous across phi = +-pi
+        self.theta_embed = ConditionEmbedder(1, hidden_size)
+        self.geometry_embed = nn.Embedding(n_slots, hidden_size)  # a one-hot times a matrix is this lookup
+
+    def embed_conditions(self, energy, phi, theta, geometry, drop_cond=None, cond_dropout: float = 0.0, extra=None):
+        """Sum of the condition embeddings (B, D), plus ``extra`` (B, D) if given (another condition's
+        embedding); rows with drop_cond True are zeroed (unconditional). In training mode rows are dropped at
+        random with probability ``cond_dropout`` unless a mask is given."""
+        energy, phi, theta = energy.float(), phi.float(), theta.float()
+        cond = (
+            self.energy_embed(torch.log(energy)[:, None])
+            + self.angle_embed(torch.stack([torch.sin(phi), torch.cos(phi)], dim=-1))
+            + self.theta_embed(theta[:, None])
+            + self.geometry_embed(geometry)
+        )
+        if extra is not None:
+            cond = cond + extra
+        if drop_cond is None and self.training and cond_dropout > 0:
+            drop_cond = torch.rand(cond.shape[0], device=cond.device) < cond_dropout
+        if drop_cond is not None:
+            cond = cond * (~drop_cond).to(cond.dtype)[:, None]
+        return cond
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,20 +37,35 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    """Model-space transform (calofm.preprocess); mean/std are fitted on the training data."""
+    """Model-space transforms (calofm.preprocess); means and stds are fitted on the training data."""
 
-    mode: Literal["fraction", "absolute"] = "fraction"  # cell energy / E_inc, or in MeV
-    eps: float | None = None  # default 1e-6 (fraction) or 1e-3 MeV (absolute)
+    # cell energy / E_inc, in MeV, or / its layer's energy; default: "fraction" (single), "layer" (factorised)
+    mode: Literal["fraction", "absolute", "layer"] | None = None
+    eps: float | None = None  # default 1e-6 (fraction, layer) or 1e-3 MeV (absolute)
     noise_cut: float = 2.0  # generated cells below noise_cut * eps * unit are set to 0
+    profile_eps: float = 1e-6  # factorised: floor of the layer shares E_z / E_tot
+    profile_noise_cut: float = 1.0  # factorised: sampled shares below profile_noise_cut * profile_eps -> 0
+
+    def __post_init__(self):
+        if self.eps is not None and not 0 < self.eps < 1e3:
+            raise ValueError(f"preprocess.eps must be in (0, 1000), got {self.eps}")
+        if not 0 <= self.noise_cut < 1e6 or not 0 <= self.profile_noise_cut < 1e6:
+            raise ValueError("preprocess.noise_cut and profile_noise_cut must be >= 0")
+        if not 0 < self.profile_eps < 1:
+            raise ValueError(f"preprocess.profile_eps must be in (0, 1), got {self.profile_eps}")
 
 
 @dataclass
 class ModelConfig:
     preset: str = "small"  # tiny | small | base (calofm.models.PRESETS)
+    # "single": one network for the whole shower (CaloDiT-2); "factorised": energy model + per-layer shapes
+    variant: Literal["single", "factorised"] = "single"
     hidden_size: int | None = None  # optional overrides of the preset
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
     cond_dropout: float | None = None
+    P_mean: float | None = None  # EDM training noise: ln sigma ~ N(P_mean, P_std^2) (default: the model config's)
+    P_std: float | None = None
     init_from: str | None = None  # start from a pretrained checkpoint (folder or Hub id) instead of scratch
 
 

@@ -12,7 +12,7 @@ import torch
 from calofm.data.dataset import ShowerDataset, Source
 from calofm.data.io import ShowerFile
 from calofm.geometry import Geometry, load_geometry
-from calofm.preprocess import ShowerPreprocessor
+from calofm.preprocess import ProfilePreprocessor, ShowerPreprocessor
 from calofm.sim.cache import simulated_file
 from calofm.training.config import DataConfig, SourceConfig
 
@@ -94,6 +94,18 @@ def fit_preprocessor(
     return pre
 
 
+def fit_profile(
+    data: ShowerDataset, samples_per_file: int, slots: dict[str, int], profile: ProfilePreprocessor
+) -> ProfilePreprocessor:
+    """Fit the per-geometry profile statistics (factorised variant) on the same showers as ``fit_preprocessor``
+    for the geometries in ``slots`` (name -> one-hot slot); other geometries keep their statistics."""
+    batches = ((name, slots[name], torch.as_tensor(b["showers"]).double().sum(dim=(1, 2)), b["energy"])
+               for name, b in _stat_batches(data, samples_per_file) if name in slots)
+    profile = profile.fit(batches)
+    log.info("profile preprocessing fitted: %s", profile)
+    return profile
+
+
 def cell_maxima(data: ShowerDataset, samples_per_file: int, pre: ShowerPreprocessor) -> dict[str, float]:
     """Per geometry, the largest cell energy of the same showers in ``pre``'s units (fraction of E_inc, or MeV).
 
@@ -108,15 +120,3 @@ def cell_maxima(data: ShowerDataset, samples_per_file: int, pre: ShowerPreproces
     if not all(v > 0 for v in top.values()):
         raise ValueError(f"training data with only empty showers: cell maxima {top}")
     return top
-
-
-def model_inputs(batch: dict[str, torch.Tensor], pre: ShowerPreprocessor, device) -> tuple[torch.Tensor, dict]:
-    """Batch from the loader -> (x in model space, conditions for the network), on ``device``."""
-    x = pre.forward(batch["showers"].to(device), batch["energy"].to(device))
-    cond = {
-        "energy": batch["energy"].to(device) / 1e3,  # GeV
-        "phi": batch["phi"].to(device),
-        "theta": batch["theta"].to(device),
-        "geometry": batch["geometry"].to(device),
-    }
-    return x, cond

@@ -2,8 +2,10 @@
 
 Exactness: the rows of every global batch (``StepBatchSampler``), the EDM noise, sigma and condition
 dropout of every micro-step are drawn from generators keyed by ``(seed, micro-step)`` and sliced per
-process. So W processes see exactly the global batch one process sees, and a resumed run continues
-the same loss curve (model, optimiser, scheduler, EMA and step are restored by ``load_state``).
+process (``calofm.training.objective.step_noise``, on the device). So W processes see exactly the
+global batch one process sees, and a resumed run continues the same loss curve (model, optimiser,
+scheduler, EMA and step are restored by ``load_state``). Nothing waits for the device in a step that
+does not log: the loss and gradient norm are read back only at ``log_every``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from tqdm.auto import tqdm
 
 from calofm.config import to_dict
 from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
-from calofm.diffusion import EDMPrecond, draw_sigma_noise, edm_loss
+from calofm.diffusion import EDM_DEFAULTS, edm_constant
 from calofm.ema import EMA
-from calofm.preprocess import ShowerPreprocessor
+from calofm.preprocess import ModelSpace
 from calofm.training.config import TrainConfig
-from calofm.training.data import RunData, model_inputs, prepare_data
+from calofm.training.data import RunData, prepare_data
+from calofm.training.objective import DiffusionObjective, step_noise
 from calofm.training.tracking import trackers, trim_metrics
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 class Setup:
     """What differs between pretraining and adaptation: how the network is built and what is saved."""
 
-    build: Callable[[RunData], tuple[nn.Module, ShowerPreprocessor]]  # -> raw network F, preprocessing
+    build: Callable[[RunData], tuple[nn.Module, ModelSpace]]  # -> raw network F, its model space
     save: Callable[[nn.Module, Path], None]  # (network with EMA weights, output dir)
     # optional extra metrics at every validation point, e.g. a fidelity metric of generated showers:
     # (network with EMA weights, step) -> {name: value}; runs on the main process
@@ -81,34 +84,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def micro_noise(x_shape, seed: int, micro: int, rank: int, world: int, precond, drop_p: float, device):
-    """sigma, noise and condition-dropout mask of this process's slice of global micro-batch ``micro``."""
-    global_b, per = x_shape[0] * world, x_shape[0]
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + micro) % 2**63)
-    proto = torch.empty(global_b, *x_shape[1:])
-    sigma, noise = draw_sigma_noise(proto, gen, precond.P_mean, precond.P_std)
-    drop = torch.rand(global_b, generator=gen) < drop_p
-    sl = slice(rank * per, (rank + 1) * per)
-    return sigma[sl].to(device), noise[sl].to(device), drop[sl].to(device)
+class _EDM:
+    """EDM constants of a network (for drawing the training noise)."""
+
+    def __init__(self, net: nn.Module):
+        for name in EDM_DEFAULTS:
+            setattr(self, name, edm_constant(net, name))
+
+
+def _noise(x, space: ModelSpace, edm, seed, micro, rank, world, drop_p, device) -> dict:
+    width = space.profile.width if space.factorised else None
+    return step_noise(x.shape, width, seed, micro, rank, world, edm, drop_p, device)
 
 
 @torch.no_grad()
-def validate(net: nn.Module, pre: ShowerPreprocessor, data: RunData, acc: Accelerator, batch: int = 128) -> dict:
-    """EDM loss per geometry on fixed noise; batches are shared out over processes."""
-    precond = EDMPrecond(net).eval()
+def validate(net: nn.Module, space: ModelSpace, data: RunData, acc: Accelerator, batch: int = 128) -> dict:
+    """EDM loss per geometry on fixed noise (val/<geometry>, and val_profile/<geometry> for the energy model of
+    the factorised variant); batches are shared out over processes."""
+    objective, edm = DiffusionObjective(net).eval(), _EDM(net)
     out = {}
     for name, ds in data.val.items():
-        total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+        total = torch.zeros(3, device=acc.device, dtype=torch.float64)
         for k, b in enumerate(sequential_batches(ds, batch)):
             if k % acc.num_processes != acc.process_index:
                 continue
-            x, cond = model_inputs(b, pre, acc.device)
-            gen = torch.Generator().manual_seed(10_000 + k)
-            sigma, noise = draw_sigma_noise(x.cpu(), gen, precond.P_mean, precond.P_std)
-            loss = edm_loss(precond, x, cond, sigma=sigma.to(acc.device), noise=noise.to(acc.device))
-            total += torch.stack([loss.double().sum(), torch.tensor(float(len(loss)), device=acc.device)])
+            x, cond = space.inputs(b, acc.device)
+            parts = objective.parts(x, cond, _noise(x, space, edm, 10_000, k, 0, 1, 0.0, acc.device))
+            profile = parts["profile"].double().sum() if "profile" in parts else torch.zeros((), device=acc.device)
+            total += torch.stack([parts["shower"].double().sum(), profile.to(total),
+                                  torch.tensor(float(len(x)), device=acc.device)])
         total = acc.reduce(total, reduction="sum")
-        out[f"val/{name}"] = float(total[0] / total[1])
+        out[f"val/{name}"] = float(total[0] / total[2])
+        if space.factorised:
+            out[f"val_profile/{name}"] = float(total[1] / total[2])
     return out
 
 
@@ -125,15 +133,14 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     set_seed(cfg.seed)
     with acc.main_process_first():
         data = prepare_data(cfg.data, progress=acc.is_local_main_process)
-    net, pre = setup.build(data)
+    net, space = setup.build(data)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(net, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
     # not prepared: a prepared scheduler steps once per process per optimiser step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ema, state = EMA(net, cfg.ema_decay), TrainState()
-    precond = EDMPrecond(net)
-    model, opt = acc.prepare(net, opt)
-    precond.net = model  # the prepared (DDP) module syncs gradients
+    ema, state, edm = EMA(net, cfg.ema_decay), TrainState(), _EDM(net)
+    # the objective (both networks of the factorised variant) is what is prepared: one forward per step
+    model, opt = acc.prepare(DiffusionObjective(net), opt)
     acc.register_for_checkpointing(sched, ema, state)
     ckpts = out / "checkpoints"
     if cfg.resume and ckpts.is_dir() and any(ckpts.iterdir()):
@@ -152,10 +159,10 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
                                weights=data.train.weights, start_step=state.step * cfg.grad_accum,
                                rank=acc.process_index, world=acc.num_processes)
     loader = make_loader(data.train, sampler, num_workers=cfg.data.num_workers)
-    drop_p = float(getattr(acc.unwrap_model(model).config, "cond_dropout", 0.0) or 0.0)
+    drop_p = float(getattr(net.config, "cond_dropout", 0.0) or 0.0)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
     if state.step == 0:
-        _validate_and_log(acc, model, ema, pre, data, setup, 0)
+        _validate_and_log(acc, model, ema, space, data, setup, 0)
     model.train()
     micro = state.step * cfg.grad_accum
     t_wait, t_last, last_logged = 0.0, time.perf_counter(), state.step
@@ -165,14 +172,11 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
         t0 = time.perf_counter()
         batch = next(batches)
         t_wait += time.perf_counter() - t0
-        x, cond = model_inputs(batch, pre, acc.device)
-        sigma, noise, drop = micro_noise(x.shape, cfg.seed, micro, acc.process_index, acc.num_processes,
-                                         precond, drop_p, acc.device)
-        if drop_p > 0:
-            cond["drop_cond"] = drop
+        x, cond = space.inputs(batch, acc.device)
+        noise = _noise(x, space, edm, cfg.seed, micro, acc.process_index, acc.num_processes, drop_p, acc.device)
         with acc.accumulate(model):
             with acc.autocast():
-                loss = edm_loss(precond, x, cond, sigma=sigma, noise=noise).mean()
+                loss = model(x, cond, noise).mean()
             acc.backward(loss)
             loss_sum += loss.detach().float()
             grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip) if acc.sync_gradients else None
@@ -182,12 +186,11 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
         if not acc.sync_gradients:
             continue
         sched.step()
-        ema.update(acc.unwrap_model(model))
+        ema.update(acc.unwrap_model(model).net)
         state.step += 1
         bar.update(1)
-        loss_avg = acc.gather((loss_sum / cfg.grad_accum)[None]).mean().item()  # the global batch's loss
-        loss_sum.zero_()
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            loss_avg = acc.gather((loss_sum / cfg.grad_accum)[None]).mean().item()  # the global batch's loss
             now = time.perf_counter()
             elapsed = now - t_last
             record = {"loss": loss_avg, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
@@ -196,8 +199,9 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
             acc.log(record, step=state.step)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             t_wait, t_last, last_logged = 0.0, now, state.step
+        loss_sum.zero_()
         if state.step % cfg.val_every == 0 or state.step == cfg.steps:
-            _validate_and_log(acc, model, ema, pre, data, setup, state.step)
+            _validate_and_log(acc, model, ema, space, data, setup, state.step)
         if state.step == cfg.stop_at and state.step < cfg.steps:
             acc.save_state()
             acc.print(f"stopping at step {state.step} as asked (stop_at); run again to resume")
@@ -217,9 +221,9 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     return final
 
 
-def _validate_and_log(acc, model, ema, pre, data, setup: Setup, step: int) -> None:
+def _validate_and_log(acc, model, ema, space, data, setup: Setup, step: int) -> None:
     net = _ema_copy(acc, model, ema)
-    record = validate(net, pre, data, acc)
+    record = validate(net, space, data, acc)
     if setup.evaluate is not None and acc.is_main_process:
         record.update(setup.evaluate(net, step))
     acc.log(record, step=step)
@@ -229,7 +233,7 @@ def _ema_copy(acc: Accelerator, model: nn.Module, ema: EMA) -> nn.Module:
     """A detached copy of the network holding the EMA weights (the training weights stay untouched)."""
     import copy
 
-    net = copy.deepcopy(acc.unwrap_model(model))
+    net = copy.deepcopy(acc.unwrap_model(model).net)
     ema.copy_to(net)
     return net.eval()
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from calofm.cli import run_reporting_errors
 from calofm.config import build
-from calofm.preprocess import ShowerPreprocessor
+from calofm.preprocess import ModelSpace, ProfilePreprocessor, ShowerPreprocessor
 from calofm.training.config import TrainConfig
-from calofm.training.data import RunData, cell_maxima, fit_preprocessor
+from calofm.training.data import RunData, cell_maxima, fit_preprocessor, fit_profile
 from calofm.training.loop import Setup, train
 
 log = logging.getLogger(__name__)
@@ -21,35 +21,52 @@ log = logging.getLogger(__name__)
 def build_pretrain_model(cfg: TrainConfig) -> callable:
     """Setup.build for pretraining: a fresh (or ``init_from``) CaloDiT with the run's geometry slots and stats."""
 
-    def build_model(data: RunData) -> tuple[nn.Module, ShowerPreprocessor]:
+    def build_model(data: RunData) -> tuple[nn.Module, ModelSpace]:
         from calofm.models import CaloDiTModel, preset_config
 
-        m = cfg.model
+        m, stats_n = cfg.model, cfg.data.stats_samples
         slots = {name: g.slot for name, g in data.geometries.items()}
         thresholds = {name: g.card.threshold for name, g in data.geometries.items()}
         if m.init_from:
             net = CaloDiTModel.from_pretrained(m.init_from)
-            pre = ShowerPreprocessor.from_dict(net.config.preprocessing)
+            space = ModelSpace.from_config(net.config)
             clash = {n: s for n, s in slots.items() if net.config.geometry_slots.get(n, s) != s}
             if clash:
                 raise ValueError(f"{m.init_from}: geometry slots differ from the run's: {clash}")
             net.config.geometry_slots = {**net.config.geometry_slots, **slots}
             net.config.geometry_thresholds = {**net.config.geometry_thresholds, **thresholds}
-            net.config.geometry_cell_max = {**net.config.geometry_cell_max,
-                                            **cell_maxima(data.train, cfg.data.stats_samples, pre)}
-            return net, pre
+            if space.factorised:  # geometries new to the model get their profile statistics; known ones keep theirs
+                new = {n: s for n, s in slots.items() if n not in space.profile.geometries}
+                if new:
+                    fit_profile(data.train, stats_n, new, space.profile)
+                    net.config.profile_preprocessing = space.profile.state_dict()
+            else:
+                net.config.geometry_cell_max = {**net.config.geometry_cell_max,
+                                                **cell_maxima(data.train, stats_n, space.shower)}
+            return net, space
         p = cfg.preprocess
-        pre = fit_preprocessor(data.train, cfg.data.stats_samples,
-                               ShowerPreprocessor(mode=p.mode, eps=p.eps, noise_cut=p.noise_cut))
+        factorised = m.variant == "factorised"
+        mode = p.mode or ("layer" if factorised else "fraction")
+        pre = fit_preprocessor(data.train, stats_n, ShowerPreprocessor(mode=mode, eps=p.eps, noise_cut=p.noise_cut))
+        profile = None
+        if factorised:
+            profile = fit_profile(data.train, stats_n, slots,
+                                  ProfilePreprocessor(eps=p.profile_eps, noise_cut=p.profile_noise_cut))
+        space = ModelSpace(pre, profile)  # checks that mode and variant go together
         overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_hidden_layers", m.num_hidden_layers),
                                        ("num_attention_heads", m.num_attention_heads),
-                                       ("cond_dropout", m.cond_dropout)) if v is not None}
-        config = preset_config(m.preset, geometry_slots=slots, geometry_thresholds=thresholds,
-                               geometry_cell_max=cell_maxima(data.train, cfg.data.stats_samples, pre),
-                               preprocessing=pre.state_dict(), **overrides)
+                                       ("cond_dropout", m.cond_dropout), ("P_mean", m.P_mean),
+                                       ("P_std", m.P_std)) if v is not None}
+        config = preset_config(
+            m.preset, variant=m.variant, geometry_slots=slots, geometry_thresholds=thresholds,
+            # the cell cap guards the single variant's energy; the factorised one is energy-true by construction
+            geometry_cell_max={} if factorised else cell_maxima(data.train, stats_n, pre),
+            preprocessing=pre.state_dict(), profile_preprocessing=profile.state_dict() if profile else {},
+            **overrides)
         net = CaloDiTModel(config)
-        log.info("CaloDiT %s: %.2fM parameters", m.preset, sum(p.numel() for p in net.parameters()) / 1e6)
-        return net, pre
+        log.info("CaloDiT %s (%s): %.2fM parameters", m.preset, m.variant,
+                 sum(p.numel() for p in net.parameters()) / 1e6)
+        return net, space
 
     return build_model
 

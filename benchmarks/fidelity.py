@@ -1,0 +1,227 @@
+"""Fidelity of each model variant at the demo's training budget: are the showers right?
+
+    python benchmarks/fidelity.py [--variants single factorised] [--long factorised --long-budget 4]
+        [--eval-showers 2000] [--sample-steps 10] [--out runs/bench_fidelity] [--cache DIR]
+
+For every variant: pretrain the embedded default (Par04 Si-W, ODD, ILD) with the same wall-clock budget
+as the demo's single-variant run (the step count is scaled by the measured cost of a training step, timed
+in this process, variants interleaved), adapt to ALLEGRO with the demo's LoRA settings (same scaling),
+then generate showers with the conditions of 2000 held-out simulated showers per geometry (``--like``)
+and compare with ``calofm evaluate``. One table row per variant and geometry:
+
+    E ratio    mean visible energy, generated / simulated (target 1.00 +- 0.03)
+    spread     std of E_vis/E_inc, generated / simulated (target 0.8 - 1.25)
+    S(hits)    separation power of the number of hit cells (target <= 0.15)
+    mean S     mean separation power of all CaloChallenge high-level histograms
+    AUC lo/hi  classifier on cells / on high-level features (0.5 = indistinguishable)
+    FPD, KPD   x1e3, each beside its floor: the same metric between two halves of the reference
+    ms/shower  generation time at the demo's sampler settings, batch 250, on this machine
+
+``--long`` adds a row at ``--long-budget`` times the budget for one variant (the trend with training).
+Finished stages are reused when the script is run again (delete the folder to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRETRAIN = ("par04_siw", "odd", "ild")
+ADAPT = "allegro"
+DEMO_PRETRAIN_STEPS, DEMO_ADAPT_STEPS = 1200, 400  # the embedded default and `calofm adapt`'s default
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def step_costs(variants, cache: str, repeats: int = 3, steps: int = 12) -> dict[str, float]:
+    """Seconds per training step of each variant (small preset, batch 32, real data), best of ``repeats``
+    interleaved rounds, so a busy machine slows every variant alike."""
+    import torch
+
+    from calofm.config import build
+    from calofm.training.config import TrainConfig
+    from calofm.training.data import prepare_data
+    from calofm.training.objective import DiffusionObjective, step_noise
+    from calofm.training.pretrain import build_pretrain_model
+
+    setups = {}
+    for v in variants:
+        cfg = build(TrainConfig, None, ["--data.cache_dir", cache, "--model.variant", v])
+        data = prepare_data(cfg.data, progress=False)
+        net, space = build_pretrain_model(cfg)(data)
+        batch = data.train.__getitems__(np.arange(32) * 17 % len(data.train))
+        batch = {k: torch.as_tensor(b) for k, b in batch.items()}
+        setups[v] = (DiffusionObjective(net).train(), space, batch, torch.optim.AdamW(net.parameters(), 1e-4))
+    best = {v: float("inf") for v in variants}
+    for _ in range(repeats):
+        for v, (objective, space, batch, opt) in setups.items():
+            t0 = time.perf_counter()
+            for k in range(steps):
+                x, cond = space.inputs(batch, "cpu")
+                width = space.profile.width if space.factorised else None
+                noise = step_noise(x.shape, width, 0, k, 0, 1, objective.net.config, 0.0, "cpu")
+                loss = objective(x, cond, noise).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            best[v] = min(best[v], (time.perf_counter() - t0) / steps)
+    return best
+
+
+def pretrain(variant: str, steps: int, out: Path, cache: str) -> Path:
+    from calofm.config import build
+    from calofm.training.config import TrainConfig
+    from calofm.training.loop import Setup, train
+    from calofm.training.pretrain import build_pretrain_model, save_pretrained
+
+    final = out / "model"
+    if not final.exists():
+        cfg = build(TrainConfig, None, ["--output_dir", str(out), "--data.cache_dir", cache, "--model.variant",
+                                        variant, "--steps", str(steps), "--tensorboard", "false"])
+        reset_accelerate()
+        train(cfg, Setup(build=build_pretrain_model(cfg), save=save_pretrained))
+    return final
+
+
+def adapt(base: Path, steps: int, out: Path, cache: str) -> Path:
+    from calofm.cli import main
+
+    final = out / "model"
+    if not final.exists():
+        reset_accelerate()
+        rc = main(["-q", "adapt", "--geometry", ADAPT, "--base", str(base), "--out", str(out), "--cache-dir", cache,
+                   "--steps", str(steps)])
+        if rc:
+            raise SystemExit(f"adaptation failed ({rc})")
+    return final
+
+
+def reference(geometry: str, n: int, out: Path) -> Path:
+    from calofm.sim import simulate_to_file
+
+    path = out / "reference" / f"{geometry}_{n}.h5"
+    if not path.exists():  # held out: a seed no training file uses
+        simulate_to_file(path, geometry, n, seed=2024, progress=False)
+    return path
+
+
+def generate(model: Path, geometry: str, ref: Path, out: Path, steps: int) -> tuple[Path, float]:
+    from calofm.cli import main
+
+    path, timing = out / f"{geometry}.h5", out / f"{geometry}.time.json"
+    if not path.exists() or not timing.exists():
+        t0 = time.perf_counter()
+        rc = main(["-q", "generate", "--model", str(model), "--geometry", geometry, "--like", str(ref), "--steps",
+                   str(steps), "--out", str(path), "--seed", "1", "--batch-size", "250", "--overwrite"])
+        if rc:
+            raise SystemExit(f"generation failed ({rc})")
+        n = len(read(path)["e_inc"])
+        timing.write_text(json.dumps({"ms_per_shower": 1e3 * (time.perf_counter() - t0) / n}))
+    return path, json.loads(timing.read_text())["ms_per_shower"]
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        showers = f["showers"][:].astype(np.float64)
+        e_inc = f["incident_energy"][:].astype(np.float64).reshape(-1)
+    return {"e_inc": e_inc, "e_vis": showers.sum(axis=(1, 2, 3))}
+
+
+def evaluate(ref: Path, gen: Path, out: Path) -> dict:
+    from calofm.cli import main
+
+    if not (out / "metrics.json").exists():
+        rc = main(["-q", "evaluate", "--reference", str(ref), "--generated", str(gen), "--out", str(out),
+                   "--fpd-samples", "1000:2000", "--no-plots"])
+        if rc:
+            raise SystemExit(f"evaluation failed ({rc})")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def row(ref: Path, gen: Path, report: dict, geometry: str) -> dict:
+    m = report["geometries"][geometry]
+    floor = m.get("noise_floor", {})
+    r, g = read(ref), read(gen)
+    seps = [v["separation_power"] for v in m["hist"].values() if v.get("separation_power") is not None]
+    return {
+        "e_ratio": g["e_vis"].mean() / r["e_vis"].mean(),
+        "spread": np.std(g["e_vis"] / g["e_inc"]) / np.std(r["e_vis"] / r["e_inc"]),
+        "s_hits": m["hist"]["n_hits"]["separation_power"], "mean_s": float(np.mean(seps)),
+        "auc_low": m["cls-low"]["auc"], "auc_high": m["cls-high"]["auc"],
+        "fpd": m["fpd"]["x1e3"], "fpd_floor": floor.get("fpd", {}).get("x1e3", np.nan),
+        "kpd": m["kpd"]["x1e3"], "kpd_floor": floor.get("kpd", {}).get("x1e3", np.nan),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'variant':>11} {'budget':>6} {'geometry':>9} {'E ratio':>7} {'spread':>6} {'S(hits)':>7} "
+            f"{'mean S':>6} {'AUC lo':>6} {'AUC hi':>6} {'FPD x1e3':>17} {'KPD x1e3':>15} {'ms/shower':>9}")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:>11} {r['budget']:>5g}x {r['geometry']:>9} {r['e_ratio']:7.3f} {r['spread']:6.2f} "
+            f"{r['s_hits']:7.3f} {r['mean_s']:6.3f} {r['auc_low']:6.3f} {r['auc_high']:6.3f} "
+            f"{r['fpd']:8.1f} ({r['fpd_floor']:6.1f}) {r['kpd']:6.2f} ({r['kpd_floor']:5.2f}) {r['ms']:9.1f}")
+    return "\n".join(lines)
+
+
+def run_variant(variant: str, budget: float, cost: dict, args, out: Path) -> list[dict]:
+    scale = budget * cost["single"] / cost[variant]  # same seconds as the demo's single-variant run
+    tag = f"{variant}_x{budget:g}"
+    pre_steps, ad_steps = round(DEMO_PRETRAIN_STEPS * scale), round(DEMO_ADAPT_STEPS * scale)
+    print(f"\n=== {tag}: pretrain {pre_steps} steps, adapt {ad_steps} steps ===", flush=True)
+    base = pretrain(variant, pre_steps, out / tag / "pretrain", args.cache)
+    adapter = adapt(base, ad_steps, out / tag / "adapt", args.cache)
+    rows = []
+    for geometry in (*PRETRAIN, ADAPT):
+        model = adapter if geometry == ADAPT else base
+        ref = reference(geometry, args.eval_showers, out)
+        gen, ms = generate(model, geometry, ref, out / tag / "generated", args.sample_steps)
+        report = evaluate(ref, gen, out / tag / "evaluation" / geometry)
+        rows.append({"variant": variant, "budget": budget, "geometry": geometry, "ms": ms,
+                     "pretrain_steps": pre_steps, "adapt_steps": ad_steps, **row(ref, gen, report, geometry)})
+        print(table(rows[-1:]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["single", "factorised"], choices=["single", "factorised"])
+    ap.add_argument("--long", choices=["single", "factorised"], help="variant to also train at --long-budget")
+    ap.add_argument("--long-budget", type=float, default=4.0)
+    ap.add_argument("--eval-showers", type=int, default=2000)
+    ap.add_argument("--sample-steps", type=int, default=10, help="Heun steps (the demo's)")
+    ap.add_argument("--out", default="runs/bench_fidelity")
+    ap.add_argument("--cache", default=None, help="simulated data cache (default: <out>/cache)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    args.cache = args.cache or str(out / "cache")
+    cost_file = out / "step_costs.json"
+    if not cost_file.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        cost_file.write_text(json.dumps(step_costs(sorted({"single", *args.variants, args.long or "single"}),
+                                                   args.cache)))
+    cost = json.loads(cost_file.read_text())
+    print("seconds per training step (small, batch 32): " + ", ".join(f"{k} {v:.3f}" for k, v in cost.items()))
+    rows = []
+    for variant in args.variants:
+        rows += run_variant(variant, 1.0, cost, args, out)
+    if args.long:
+        rows += run_variant(args.long, args.long_budget, cost, args, out)
+    (out / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    print("\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
