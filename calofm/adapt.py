@@ -40,6 +40,8 @@ class AdaptConfig:
     from_scratch: bool = False  # same architecture, random initial weights (for comparison)
     rank: int = 8
     alpha: float | None = None  # LoRA scaling alpha/rank; default 2 * rank
+    # which Linears LoRA adapts (calofm.models.LORA_GROUPS): attention, mlp, adaln, final, embedders
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp", "adaln"])
     samples: int = 5000  # simulated training showers when `data` is empty
     val_samples: int = 300
     data: list[str] = field(default_factory=list)  # shower files of the new detector (native/LEMURS format)
@@ -61,6 +63,9 @@ class AdaptConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
+        from calofm.models import lora_target_modules
+
+        lora_target_modules(self.lora_targets)  # unknown group names are an error here, before any work
         if self.from_scratch and self.method == "lora":
             self.method = "full"  # there is nothing to adapt: every weight is trained
         if self.merge and self.method != "lora":
@@ -122,13 +127,15 @@ def fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def lora_wrap(net: nn.Module, slot: int, rank: int, alpha: float | None):
+def lora_wrap(net: nn.Module, slot: int, rank: int, alpha: float | None, targets=("attention", "mlp", "adaln")):
+    """peft LoRA on the ``targets`` groups (calofm.models.LORA_GROUPS) plus the new slot's geometry-embedding row
+    (of both networks in the factorised variant)."""
     from peft import LoraConfig, get_peft_model
 
-    from calofm.models import LORA_TARGETS
+    from calofm.models import lora_target_modules
 
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
-                        trainable_token_indices={"geometry_embed": [slot]})
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
+                        target_modules=lora_target_modules(targets), trainable_token_indices={"geometry_embed": [slot]})
     with quiet_peft():
         return get_peft_model(net, config)
 
@@ -193,7 +200,7 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
                                                 "stats": {geometry.name: profile}}
             net = CaloDiTModel(config)
         elif a.method == "lora":
-            net = lora_wrap(net, slot, a.rank, a.alpha)
+            net = lora_wrap(net, slot, a.rank, a.alpha, a.lora_targets)
         n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in net.parameters())
         log.info("adapting to %s (slot %d) with %s: %d of %d parameters trainable", geometry.name, slot, a.kind,
@@ -284,6 +291,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="pretrained model folder or Hub id (default runs/pretrain/model)")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapter (default) or full fine-tuning")
     p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--lora-targets", nargs="+", metavar="GROUP",
+                   help="LoRA target groups: attention mlp adaln final embedders (default: attention mlp adaln)")
     p.add_argument("--steps", type=int, help="optimiser steps (default 400)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (default by method)")
@@ -306,6 +315,8 @@ def config_from_args(args: argparse.Namespace) -> AdaptConfig:
             overrides += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     if args.data:
         overrides += ["--data", json.dumps(args.data)]
+    if getattr(args, "lora_targets", None):
+        overrides += ["--lora_targets", json.dumps(args.lora_targets)]
     if args.merge:
         overrides += ["--merge", "true"]
     if args.from_scratch:

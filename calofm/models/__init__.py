@@ -7,10 +7,12 @@ from types import MappingProxyType
 from transformers import AutoConfig, AutoModel
 
 from calofm.models.calodit import (
+    LORA_GROUPS,
     LORA_TARGETS,
     CaloDiTConfig,
     CaloDiTModel,
     CheckpointMismatchError,
+    lora_target_modules,
 )
 
 # Registering here makes AutoConfig/AutoModel.from_pretrained work on any saved CaloDiT once
@@ -57,11 +59,13 @@ def create_model(name: str, **overrides) -> CaloDiTModel:
 
 
 __all__ = [
+    "LORA_GROUPS",
     "LORA_TARGETS",
     "PRESETS",
     "CaloDiTConfig",
     "CaloDiTModel",
     "CheckpointMismatchError",
     "create_model",
+    "lora_target_modules",
     "preset_config",
 ]

@@ -42,6 +42,23 @@ from calofm.models.layers import (
 # qkv/proj: attention in every block; fc1/fc2: the block MLPs; adaLN_modulation: the conditioning
 # Linears of every block and of the final layer. Renaming any of these breaks saved adapters.
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN_modulation")
+# Named groups of LoRA targets (``calofm adapt --lora-targets``): module-name suffixes per group. "final" is the
+# Linear from tokens to cells of both networks, "embedders" the condition MLPs (energy, angles, profile).
+LORA_GROUPS = {
+    "attention": ("qkv", "proj"),
+    "mlp": ("fc1", "fc2"),
+    "adaln": ("adaLN_modulation",),
+    "final": ("final_layer.linear",),
+    "embedders": tuple(f"{c}_embed.mlp.{i}" for c in ("energy", "angle", "theta", "profile") for i in (0, 2, 4)),
+}
+
+
+def lora_target_modules(groups) -> list[str]:
+    """peft ``target_modules`` (name suffixes) for the named groups of ``LORA_GROUPS``."""
+    unknown = sorted(set(groups) - set(LORA_GROUPS))
+    if unknown or not groups:
+        raise ValueError(f"LoRA target groups {unknown or list(groups)}: choose from {', '.join(LORA_GROUPS)}")
+    return [name for g in LORA_GROUPS if g in groups for name in LORA_GROUPS[g]]
 
 
 class CheckpointMismatchError(RuntimeError):
