@@ -14,6 +14,7 @@ from calofm.preprocess import ShowerPreprocessor
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, cell_maxima, fit_preprocessor
 from calofm.training.loop import Setup, train
+from calofm.training.saved import load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,16 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
         slots = {name: g.slot for name, g in data.geometries.items()}
         thresholds = {name: g.card.threshold for name, g in data.geometries.items()}
         if m.init_from:
-            net = CaloDiTModel.from_pretrained(m.init_from)
+            net, _, _ = load_model(m.init_from)
             pre = ShowerPreprocessor.from_dict(net.config.preprocessing)
-            clash = {n: s for n, s in slots.items() if net.config.geometry_slots.get(n, s) != s}
-            if clash:
-                raise ValueError(f"{m.init_from}: geometry slots differ from the run's: {clash}")
-            net.config.geometry_slots = {**net.config.geometry_slots, **slots}
-            net.config.geometry_thresholds = {**net.config.geometry_thresholds, **thresholds}
-            net.config.geometry_cell_max = {**net.config.geometry_cell_max,
-                                            **cell_maxima(data.train, cfg.data.stats_samples, pre)}
+            cell_max = cell_maxima(data.train, cfg.data.stats_samples, pre)
+            try:  # the base's claims are checked: a geometry keeps its slot, a slot keeps its geometry
+                for name, g in data.geometries.items():
+                    net.config.add_geometry(name, g.slot, g.card.threshold, cell_max[name])
+            except ValueError as err:
+                raise ValueError(f"{m.init_from}: {err}") from None
+            # trained further on these geometries only: it no longer generates the others as the base did
+            net.config.keep_geometries(data.geometries)
             return net, pre
         p = cfg.preprocess
         pre = fit_preprocessor(data.train, cfg.data.stats_samples,
@@ -54,8 +56,9 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
     return build_model
 
 
-def save_pretrained(net: nn.Module, out: Path) -> None:
-    net.save_pretrained(out)
+def save_pretrained(net: nn.Module, out: Path, geometries: dict) -> None:
+    """The final model folder: weights, config and the cards of the run's geometries (calofm.training.saved)."""
+    save_model(net, out, geometries)
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
