@@ -352,3 +352,23 @@ def test_assignments_after_construction_are_checked_and_a_rejected_one_changes_n
     cfg.data.sources[-1].__dict__["samples"] = 0  # ... and so can a field, bypassing the check
     with pytest.raises(ValueError, match="samples must be >= 1"):
         cfg.validate()  # which the training loop runs again before it starts
+
+
+def test_adapt_config_numbers_are_range_checked(tmp_path):
+    from calofm.adapt import AdaptConfig
+
+    for bad, match in ((dict(rank=0), "rank must be in"), (dict(steps=0), "steps must be in"),
+                       (dict(lr=float("nan")), "lr must be a finite number"), (dict(lr=-1.0), "lr must be in"),
+                       (dict(batch_size=0), "batch_size must be in"), (dict(seed=2**40), "seed must be in"),
+                       (dict(val_samples=-1), "val_samples must be >= 0"), (dict(alpha=0.0), "alpha must be in")):
+        with pytest.raises(ValueError, match=match):
+            AdaptConfig(geometry="cld", **bad)
+    a = AdaptConfig(geometry="cld")
+    with pytest.raises(ValueError, match="rank must be in"):
+        a.rank = 0
+    assert a.rank == 8
+    with pytest.raises(ValueError, match="--merge applies to LoRA"):
+        a.from_scratch, a.merge = True, True
+    path = _write(tmp_path / "adapt.yaml", "geometry: cld\nsteps: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: steps must be in"):
+        build(AdaptConfig, path)
