@@ -42,8 +42,8 @@ def fidelity_fn(geometry: str, reference: dict, steps: int):
 
     def evaluate(net, step: int) -> dict:
         gen = ShowerGenerator(net, net.config, device="cpu")
-        showers = gen.sample(reference["incident_energy"] / 1e3, reference["incident_phi"],
-                             reference["incident_theta"], geometry, steps=steps, seed=step)
+        showers = gen.sample(geometry=geometry, energy_mev=reference["incident_energy"], phi=reference["incident_phi"],
+                             theta=reference["incident_theta"], steps=steps, seed=step)
         res = compare_samples(reference, {**reference, "showers": showers}, geo, options).results["hist"]
         sep = [v["separation_power"] for v in res.values() if v.get("separation_power") is not None]
         return {"fidelity": float(np.nanmean(sep))}
@@ -59,10 +59,12 @@ def run_one(geometry, size, method, base, out, args, reference) -> dict:
                     from_scratch=method == "scratch", samples=size, val_samples=300, steps=args.steps,
                     val_every=args.eval_every, save_every=10**6, output_dir=str(out), cache_dir=args.cache,
                     log_every=max(args.steps // 20, 1), seed=0)
+    if (out / "model").exists():  # finished in an earlier invocation: its folder has everything
+        return {**collect(out, geometry), "wall_s": float("nan")}
     build_model = build_adapt_model(a)
     reset_accelerate()
     t0 = time.perf_counter()
-    train(train_config(a), Setup(build=build_model, save=save_adapted(a, build_model),
+    train(train_config(a, build_model.slot), Setup(build=build_model, save=save_adapted(a, build_model),
                                  evaluate=fidelity_fn(geometry, reference, args.sample_steps)))
     return {**collect(out, geometry), "wall_s": time.perf_counter() - t0}
 

@@ -3,37 +3,46 @@
 The new geometry takes a spare one-hot slot of the base model (its card's slot if free, else the first
 free one). LoRA trains low-rank updates of the attention, MLP and adaLN-modulation linears
 (``calofm.models.LORA_TARGETS``) and only that slot's row of ``geometry_embed`` (peft trainable tokens),
-so the base is untouched and other geometries are exactly the base model with the adapter disabled.
-An adapter folder holds peft's files plus ``calofm_adapter.json`` (base, geometry, slot, base
-fingerprint); ``--merge`` also writes a standalone merged model. ``--from-scratch`` trains the same
-architecture from random weights, the comparison the foundation model has to win.
+so the base is untouched: loaded as an adapter, every base geometry is still exactly the base model.
+An adapter folder (``calofm.training.adapter``) holds peft's files, ``calofm_adapter.json`` (base and its
+fingerprint, geometry, slot), the geometry's card and checksums. A full fine-tune and ``--merge``'s
+standalone model are new networks: they claim only the adapted geometry. ``--from-scratch`` trains the
+same architecture from random weights, the comparison the foundation model has to win.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import logging
 import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import nn
 
-from calofm.cli import add_geometry_dir, parse_count, run_reporting_errors
+from calofm.cli import add_geometry_dir, float_in, int_in, parse_count, run_reporting_errors
 from calofm.config import build, to_dict
+from calofm.training.adapter import (  # noqa: F401 - the adapter API, re-exported
+    ADAPTER_FILE,
+    AdapterRouter,
+    base_of,
+    fingerprint,
+    load_adapted,
+    load_base,
+    open_adapter,
+    quiet_peft,
+    save_adapter,
+)
+from calofm.training.config import TRAIN_SEED_MAX, Validated, check_float, check_int
 
 log = logging.getLogger(__name__)
-ADAPTER_FILE = "calofm_adapter.json"
+MAX_RANK, MAX_STEPS, MAX_BATCH = 1024, 10**9, 10**6
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(Validated):
     geometry: str
     base: str = "runs/pretrain/model"  # pretrained model folder or Hub repo id
     method: Literal["lora", "full"] = "lora"
@@ -45,6 +54,7 @@ class AdaptConfig:
     samples: int = 5000  # simulated training showers when `data` is empty
     val_samples: int = 300
     data: list[str] = field(default_factory=list)  # shower files of the new detector (native/LEMURS format)
+    geometry_dirs: list[str] = field(default_factory=list)  # extra folders of geometry cards (--geometry-dir)
     steps: int = 400
     batch_size: int = 32
     lr: float | None = None  # default: 2e-3 LoRA, 2e-4 full fine-tuning, 2e-3 from scratch (as pretraining)
@@ -61,15 +71,30 @@ class AdaptConfig:
     stop_at: int | None = None
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError("rank must be >= 1")
+        if self.from_scratch and self.method == "lora":
+            self.method = "full"  # there is nothing to adapt: every weight is trained
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if self.merge and self.kind != "lora":
+            raise ValueError("--merge applies to LoRA adapters only (full fine-tuning writes a full model)")
+        check_int("rank", self.rank, 1, MAX_RANK)
         from calofm.models import lora_target_modules
 
         lora_target_modules(self.lora_targets)  # unknown group names are an error here, before any work
-        if self.from_scratch and self.method == "lora":
-            self.method = "full"  # there is nothing to adapt: every weight is trained
-        if self.merge and self.method != "lora":
-            raise ValueError("--merge applies to LoRA adapters only (full fine-tuning writes a full model)")
+        check_float("alpha", self.alpha, 0.0, low_open=True, optional=True)
+        check_int("samples", self.samples)
+        check_int("val_samples", self.val_samples, low=0)
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_float("lr", self.lr, 0.0, 1.0, low_open=True, optional=True)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        check_int("seed", self.seed, 0, TRAIN_SEED_MAX)
+        check_int("num_workers", self.num_workers, 0, 64)
+        for name in ("log_every", "val_every", "save_every"):
+            check_int(name, getattr(self, name))
+        check_int("stop_at", self.stop_at, optional=True)
 
     @property
     def kind(self) -> str:
@@ -77,30 +102,28 @@ class AdaptConfig:
 
     @property
     def out(self) -> Path:
-        return Path(self.output_dir or f"runs/adapt_{self.geometry}_{self.kind}")
+        name = Path(self.geometry).stem if self.geometry.endswith((".yaml", ".yml")) else self.geometry
+        return Path(self.output_dir or f"runs/adapt_{name}_{self.kind}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else {"lora": 2e-3, "full": 2e-4, "scratch": 2e-3}[self.kind]
 
 
-def train_config(a: AdaptConfig):
-    """The TrainConfig of an adaptation run (one data source: the new geometry)."""
+def train_config(a: AdaptConfig, slot: int | None = None):
+    """The TrainConfig of an adaptation run (one data source: the new geometry, labelled with ``slot``)."""
     from calofm.training.config import DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainConfig
 
-    source = SourceConfig(geometry=a.geometry, files=list(a.data), samples=a.samples, val_samples=a.val_samples)
+    source = SourceConfig(geometry=a.geometry, files=list(a.data), samples=a.samples, val_samples=a.val_samples,
+                          slot=slot)
     return TrainConfig(
         output_dir=str(a.out), seed=a.seed, steps=a.steps, batch_size=a.batch_size, ema_decay=a.ema_decay,
         log_every=a.log_every, val_every=a.val_every, save_every=a.save_every, stop_at=a.stop_at,
         model=ModelConfig(init_from=a.base),
-        data=DataConfig(sources=[source], cache_dir=a.cache_dir, num_workers=a.num_workers, seed=a.seed + 7),
+        data=DataConfig(sources=[source], geometry_dirs=list(a.geometry_dirs), cache_dir=a.cache_dir,
+                        num_workers=a.num_workers, seed=a.seed + 7),
         optim=OptimConfig(lr=a.learning_rate, warmup_steps=a.warmup_steps),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Slots, fingerprints, LoRA
-# ----------------------------------------------------------------------------------------------
 
 
 def assign_slot(config, geometry) -> int:
@@ -118,15 +141,6 @@ def assign_slot(config, geometry) -> int:
     return free[0]
 
 
-def fingerprint(model_dir: Path) -> str:
-    """sha256 of the base weights file: an adapter is only valid on exactly this base."""
-    h = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def lora_wrap(net: nn.Module, slot: int, rank: int, alpha: float | None, targets=("attention", "mlp", "adaln")):
     """peft LoRA on the ``targets`` groups (calofm.models.LORA_GROUPS) plus the new slot's geometry-embedding row
     (of both networks in the factorised variant)."""
@@ -140,65 +154,38 @@ def lora_wrap(net: nn.Module, slot: int, rank: int, alpha: float | None, targets
         return get_peft_model(net, config)
 
 
-@contextlib.contextmanager
-def quiet_peft():
-    """peft 0.21 calls transformers' deprecated ``is_gradient_checkpointing``: hide that FutureWarning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        yield
+def build_adapt_model(a: AdaptConfig):
+    """Setup.build for adaptation: base + slot (+ LoRA), or the same architecture from scratch.
 
-
-def _load_base(base: str, geometry, dtype=torch.float32):
-    from calofm.generate import resolve
-    from calofm.geometry import MESH_SHAPE
-    from calofm.models import CaloDiTModel
-
-    path = resolve(base)
-    if (path / "adapter_config.json").exists():
-        raise ValueError(f"{base}: is an adapter, not a base model (merge it first with --merge)")
-    net = CaloDiTModel.from_pretrained(path, dtype=dtype)
-    if tuple(net.config.mesh_shape) != MESH_SHAPE:
-        raise ValueError(f"{base}: mesh {tuple(net.config.mesh_shape)} does not match the data mesh {MESH_SHAPE}")
-    if not net.config.preprocessing:
-        raise ValueError(f"{base}: has no preprocessing statistics (not a trained calofm model)")
-    return net, path
-
-
-def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
-    """Setup.build for adaptation: base + slot (+ LoRA), or the same architecture from scratch."""
+    The card, the base model and the slot are resolved here, before any data is read or output written;
+    ``build_model.slot`` is the slot the training data must be labelled with (``train_config(a, slot)``).
+    """
     from calofm.geometry import load_geometry
     from calofm.models import CaloDiTModel
     from calofm.preprocess import ModelSpace
     from calofm.training.data import cell_maxima, fit_profile
 
-    geometry = load_geometry(a.geometry, geometry_dirs)
+    geometry = load_geometry(a.geometry, a.geometry_dirs)
+    base, _, path = load_base(a.base)
+    slot = assign_slot(base.config, geometry)
 
     def build_model(data):
-        net, path = _load_base(a.base, geometry)
-        slot = assign_slot(net.config, geometry)
-        net.config.geometry_slots = {**net.config.geometry_slots, geometry.name: slot}
-        net.config.geometry_thresholds = {**net.config.geometry_thresholds, geometry.name: geometry.card.threshold}
+        net = base
         space = ModelSpace.from_config(net.config)
         stats_n = train_config(a).data.stats_samples
         cell_max, profile = None, None
         if space.factorised:  # the new geometry's own profile statistics (its response and layer shares)
             fit_profile(data.train, stats_n, {geometry.name: slot}, space.profile)
-            net.config.profile_preprocessing = space.profile.state_dict()
             profile = space.profile.stats[geometry.name]
         else:
             cell_max = cell_maxima(data.train, stats_n, space.shower)[geometry.name]
-            net.config.geometry_cell_max = {**net.config.geometry_cell_max, geometry.name: cell_max}
+        net.config.add_geometry(geometry.name, slot, geometry.card.threshold, cell_max, profile=profile)
+        if a.method == "full":  # full fine-tuning or scratch: a new network, for the new geometry only
+            net.config.keep_geometries([geometry.name])
         if a.from_scratch:
             # same architecture and the same model space (preprocessing) as the base, random weights:
             # validation losses of scratch and adapted models are then directly comparable
-            config = net.config
-            config.geometry_slots = {geometry.name: slot}
-            config.geometry_thresholds = {geometry.name: geometry.card.threshold}
-            config.geometry_cell_max = {geometry.name: cell_max} if cell_max is not None else {}
-            if profile is not None:
-                config.profile_preprocessing = {**config.profile_preprocessing,
-                                                "stats": {geometry.name: profile}}
-            net = CaloDiTModel(config)
+            net = CaloDiTModel(net.config)
         elif a.method == "lora":
             net = lora_wrap(net, slot, a.rank, a.alpha, a.lora_targets)
         n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -214,69 +201,32 @@ def build_adapt_model(a: AdaptConfig, geometry_dirs=None):
                             "total_parameters": n_all}
         return net, space
 
+    build_model.slot, build_model.geometry = slot, geometry
     return build_model
 
 
 def save_adapted(a: AdaptConfig, build_model):
-    def save(net: nn.Module, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        net.save_pretrained(out)
-        info = dict(build_model.info)
+    """Setup.save: the adapter folder (LoRA, plus ``<out>/merged`` with --merge) or a full model folder."""
+    from calofm.training.saved import save_model
+
+    def save(net: nn.Module, out: Path, geometries: dict) -> None:
+        info = {**build_model.info, "config": to_dict(a)}
         if info["base_path"]:  # found again from anywhere, and after moving base and adapter together
             info["base_relative"] = os.path.relpath(info["base_path"], out.resolve())
-        (out / ADAPTER_FILE).write_text(json.dumps({**info, "config": to_dict(a)}, indent=1))
+        geometry = geometries[build_model.geometry.name]
+        if a.kind != "lora":
+            save_model(net, out, geometries, info={ADAPTER_FILE: info})
+            return
+        save_adapter(net, out, info, geometry)
         if a.merge:
-            merged = merge(net)
-            merged.save_pretrained(out.parent / "merged")
+            import copy
+
+            merged = copy.deepcopy(net).merge_and_unload()
+            merged.config.keep_geometries([geometry.name])  # the merged weights are new for every geometry
+            save_model(merged, out.parent / "merged", geometries)
             log.info("merged model written to %s", out.parent / "merged")
 
     return save
-
-
-def merge(peft_model) -> nn.Module:
-    """A standalone CaloDiTModel with the LoRA updates and the trained slot row folded in."""
-    import copy
-
-    return copy.deepcopy(peft_model).merge_and_unload()
-
-
-def base_of(adapter: Path, info: dict) -> str:
-    """Where an adapter's base model is: next to the adapter as it was when trained, at its absolute
-    path, else as given at training time (a Hub repo id, or a path from the working directory)."""
-    for key, root in (("base_relative", adapter), ("base_path", Path("/"))):
-        if info.get(key) and (root / info[key]).is_dir():
-            return str(root / info[key])
-    return info["base"]
-
-
-def load_adapted(path: str | Path, dtype=torch.float32, merged: bool = True) -> nn.Module:
-    """Base model + adapter folder; merged into a plain CaloDiTModel unless ``merged=False`` (a PeftModel)."""
-    from peft import PeftModel
-
-    from calofm.geometry import load_geometry
-
-    path = Path(path)
-    info_file = path / ADAPTER_FILE
-    if not info_file.exists():
-        raise ValueError(f"{path}: {ADAPTER_FILE} is missing (not a calofm adapter)")
-    info = json.loads(info_file.read_text())
-    geometry = load_geometry(info["geometry"])
-    net, base_path = _load_base(base_of(path, info), geometry, dtype=dtype)
-    if fingerprint(base_path) != info["fingerprint"]:
-        raise ValueError(f"{path}: adapter was trained on a different base model than {info['base']} "
-                         f"(weights fingerprint differs)")
-    net.config.geometry_slots = {**net.config.geometry_slots, info["geometry"]: int(info["slot"])}
-    net.config.geometry_thresholds = {**net.config.geometry_thresholds, info["geometry"]: float(info["threshold"])}
-    if info.get("cell_max") is not None:  # adapters written before calofm recorded it sample without the cap
-        net.config.geometry_cell_max = {**net.config.geometry_cell_max, info["geometry"]: float(info["cell_max"])}
-    if info.get("profile") is not None:  # factorised: the new geometry's profile statistics
-        state = dict(net.config.profile_preprocessing)
-        state["stats"] = {**state.get("stats", {}), info["geometry"]: info["profile"]}
-        net.config.profile_preprocessing = state
-    with quiet_peft():
-        model = PeftModel.from_pretrained(net, path)
-    model.eval()
-    return model.merge_and_unload() if merged else model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,16 +240,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="FILE", help="training shower files of the new detector")
     p.add_argument("--base", help="pretrained model folder or Hub id (default runs/pretrain/model)")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapter (default) or full fine-tuning")
-    p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--rank", type=int_in(1, MAX_RANK), help="LoRA rank (default 8)")
     p.add_argument("--lora-targets", nargs="+", metavar="GROUP",
                    help="LoRA target groups: attention mlp adaln final embedders (default: attention mlp adaln)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default 400)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (default by method)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), help="optimiser steps (default 400)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH))
+    p.add_argument("--lr", type=float_in(0.0, 1.0, low_open=True), help="learning rate (default by method)")
     p.add_argument("--out", help="output folder (default runs/adapt_<geometry>_<method>)")
     p.add_argument("--merge", action="store_true", help="LoRA: also write a merged standalone model")
     p.add_argument("--from-scratch", action="store_true", help="train the same architecture without pretraining")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int_in(0, TRAIN_SEED_MAX))
     p.add_argument("--cache-dir", help="simulated data cache (default $CALOFM_CACHE or ~/.cache/calofm)")
     p.add_argument("--config", help="YAML with any AdaptConfig fields (command-line options win)")
     add_geometry_dir(p)
@@ -313,8 +263,9 @@ def config_from_args(args: argparse.Namespace) -> AdaptConfig:
         value = getattr(args, name, None)
         if value is not None:
             overrides += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    if args.data:
-        overrides += ["--data", json.dumps(args.data)]
+    for name, key in (("data", "data"), ("geometry_dir", "geometry_dirs")):
+        if getattr(args, name, None):
+            overrides += [f"--{key}", json.dumps([str(v) for v in getattr(args, name)])]
     if getattr(args, "lora_targets", None):
         overrides += ["--lora_targets", json.dumps(args.lora_targets)]
     if args.merge:
@@ -327,7 +278,7 @@ def config_from_args(args: argparse.Namespace) -> AdaptConfig:
         geometry: str = ""
 
     cfg = build(_Defaults, args.config, overrides)
-    return AdaptConfig(**{k: v for k, v in vars(cfg).items()})
+    return AdaptConfig(**{f.name: getattr(cfg, f.name) for f in fields(AdaptConfig)})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -336,8 +287,8 @@ def run(args: argparse.Namespace) -> int:
     a = config_from_args(args)
     if not a.geometry:
         raise ValueError("--geometry is required")
-    build_model = build_adapt_model(a, getattr(args, "geometry_dir", None))
-    final = train(train_config(a), Setup(build=build_model, save=save_adapted(a, build_model)))
+    build_model = build_adapt_model(a)
+    final = train(train_config(a, build_model.slot), Setup(build=build_model, save=save_adapted(a, build_model)))
     if final is not None:
         info = build_model.info
         print(f"adapted to {info['geometry']} (slot {info['slot']}, {info['method']}, "

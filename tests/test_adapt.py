@@ -13,6 +13,7 @@ from calofm.adapt import ADAPTER_FILE, AdaptConfig, assign_slot, load_adapted, l
 from calofm.cli import main as cli
 from calofm.geometry import load_geometry
 from calofm.models import CaloDiTConfig, CaloDiTModel
+from calofm.training.saved import load_model, save_model
 from calofm.training.tracking import read_metrics
 
 
@@ -88,14 +89,21 @@ def test_lora_adaptation_run_round_trips(tmp_path, base, cache, monkeypatch):
     y_peft = pm(x, c, **cond)
     y_merged = load_adapted(adapter)(x, c, **cond)
     saved = CaloDiTModel.from_pretrained(merged_dir)
-    assert saved.config.geometry_slots["allegro"] == 5
     torch.testing.assert_close(y_merged, y_peft, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(saved(x, c, **cond), y_peft, rtol=1e-4, atol=1e-4)
-    # other geometries are untouched with the adapter disabled
+    # a merged model is a new network: it claims only the geometry it was adapted to
+    assert saved.config.geometry_slots == {"allegro": 5} and load_adapted(adapter).config.geometry_slots == {
+        "allegro": 5}
+    # the adapter itself routes: base geometries go through the untouched base, exactly, also in a mixed batch
     base_net = CaloDiTModel.from_pretrained(base)
+    assert pm.config.geometry_slots == {"par04_siw": 0, "ild": 2, "allegro": 5}
     x, c, cond0 = inputs(0)
-    with pm.disable_adapter():
-        torch.testing.assert_close(pm(x, c, **cond0), base_net(x, c, **cond0), rtol=0, atol=0)
+    torch.testing.assert_close(pm(x, c, **cond0), base_net(x, c, **cond0), rtol=0, atol=0)
+    mixed = {**cond0, "geometry": torch.tensor([0, 5, 2, 5])}
+    y = pm(x, c, **mixed)
+    for net, rows in ((base_net, [0, 2]), (pm.adapted, [1, 3])):  # each part is run as its own batch
+        torch.testing.assert_close(y[rows], net(x[rows], c[rows], **{k: v[rows] for k, v in mixed.items()}),
+                                   rtol=0, atol=0)
     # generation from the adapter folder and from the merged model
     for model in (adapter, merged_dir):
         gen = tmp_path / f"gen_{model.name}.h5"
@@ -103,8 +111,15 @@ def test_lora_adaptation_run_round_trips(tmp_path, base, cache, monkeypatch):
                     "--out", str(gen)]) == 0
     import calofm
 
-    s = calofm.load(adapter, device="cpu").sample(10.0, 0.0, 1.5, "allegro", steps=2, seed=0)
+    kw = dict(geometry="allegro", energy_gev=10.0, phi=0.0, theta=1.5, steps=2, seed=0)
+    s = calofm.load(adapter, device="cpu").sample(**kw)
     assert s.shape == (1, 9, 16, 45)
+    # base geometries from the adapter folder: exactly the base model's showers; the merged model refuses them
+    siw = dict(kw, geometry="par04_siw", energy_gev=[10.0, 40.0])
+    np.testing.assert_array_equal(calofm.load(adapter, device="cpu").sample(**siw),
+                                  calofm.load(base, device="cpu").sample(**siw))
+    with pytest.raises(ValueError, match="not trained on geometry 'par04_siw'"):
+        calofm.load(merged_dir, device="cpu").sample(**siw)
     # the brightest ALLEGRO training cell is recorded and reaches the loaded model's config
     assert 0 < info["cell_max"] < 1
     assert load_adapted(adapter).config.geometry_cell_max["allegro"] == info["cell_max"]
@@ -113,8 +128,7 @@ def test_lora_adaptation_run_round_trips(tmp_path, base, cache, monkeypatch):
     assert Path(info["base_path"]).is_absolute() and (adapter / info["base_relative"]).resolve() == Path(base).resolve()
     (adapter / ADAPTER_FILE).write_text(json.dumps({**info, "base": "moved/away", "base_path": "/nowhere"}))
     monkeypatch.chdir(tmp_path.parent)
-    np.testing.assert_array_equal(calofm.load(adapter, device="cpu").sample(10.0, 0.0, 1.5, "allegro", steps=2,
-                                                                            seed=0), s)
+    np.testing.assert_array_equal(calofm.load(adapter, device="cpu").sample(**kw), s)
 
 
 def test_full_and_scratch_runs_and_cache_reuse(tmp_path, base, cache, caplog):
@@ -122,7 +136,7 @@ def test_full_and_scratch_runs_and_cache_reuse(tmp_path, base, cache, caplog):
     assert adapt(tmp_path, base, cache, "--out", str(tmp_path / "full"), "--method", "full") == 0
     assert "reusing cached" in caplog.text and "simulating" not in caplog.text  # data from the LoRA test
     full = CaloDiTModel.from_pretrained(tmp_path / "full" / "model")
-    assert full.config.geometry_slots == {"par04_siw": 0, "ild": 2, "allegro": 5}
+    assert full.config.geometry_slots == {"allegro": 5}  # trained on ALLEGRO only: it claims nothing else
     assert adapt(tmp_path, base, cache, "--out", str(tmp_path / "scratch"), "--from-scratch") == 0
     scratch = CaloDiTModel.from_pretrained(tmp_path / "scratch" / "model")
     assert scratch.config.geometry_slots == {"allegro": 5}
@@ -148,7 +162,8 @@ def test_errors_are_one_line(tmp_path, base, cache, capsys):
     # a base model on another mesh
     coarse = tmp_path / "coarse"
     net = CaloDiTModel.from_pretrained(base)
-    CaloDiTModel(CaloDiTConfig(**{**net.config.to_dict(), "mesh_shape": (9, 16, 30)})).save_pretrained(coarse)
+    CaloDiTModel(CaloDiTConfig(**{**net.config.to_dict(), "mesh_shape": (9, 16, 30), "geometry_cards": {}})
+                 ).save_pretrained(coarse)
     capsys.readouterr()
     assert adapt(tmp_path, coarse, cache, "--out", str(tmp_path / "w")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -157,17 +172,17 @@ def test_errors_are_one_line(tmp_path, base, cache, capsys):
     full_base = tmp_path / "fullbase"
     net = CaloDiTModel.from_pretrained(base)
     net.config.geometry_slots = {f"g{i}": i for i in range(8)}
-    net.config.geometry_thresholds, net.config.geometry_cell_max = {}, {}
+    net.config.geometry_thresholds, net.config.geometry_cell_max, net.config.geometry_cards = {}, {}, {}
     net.save_pretrained(full_base)
     assert adapt(tmp_path, full_base, cache, "--out", str(tmp_path / "y")) == 2
     assert "no spare geometry slot" in capsys.readouterr().err
     # an adapter applied to a different base
     assert adapt(tmp_path, base, cache, "--out", str(tmp_path / "z"), "--steps", "1") == 0
     other = tmp_path / "other"
-    net = CaloDiTModel.from_pretrained(base)
+    net, cards, _ = load_model(base)
     with torch.no_grad():
         net.final_layer.linear.weight.add_(0.01)
-    net.save_pretrained(other)
+    save_model(net, other, cards)
     info_path = tmp_path / "z" / "model" / ADAPTER_FILE
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps({**info, "base": str(other), "base_path": str(other), "base_relative": None}))

@@ -233,3 +233,28 @@ def test_presets_and_parameter_counts():
 def test_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         preset_config("tiny", **bad)
+
+
+def test_geometry_claims_change_only_through_checked_methods(tmp_path):
+    config = preset_config("tiny", geometry_slots={"par04_siw": 0, "ild": 2}, geometry_thresholds={"ild": 0.1})
+    config.add_geometry("allegro", 5, 0.2, cell_max=0.01, card_sha256="a" * 64)
+    assert config.geometry_slots == {"par04_siw": 0, "ild": 2, "allegro": 5}
+    assert config.geometry_cards == {"allegro": "a" * 64} and config.geometry_cell_max == {"allegro": 0.01}
+    with pytest.raises(ValueError, match="slot 0 for geometry 'mydet' is already used by 'par04_siw'"):
+        config.add_geometry("mydet", 0, 0.1)
+    with pytest.raises(ValueError, match="geometry 'ild' has slot 2 in the model, not 3"):
+        config.add_geometry("ild", 3, 0.1)
+    with pytest.raises(ValueError, match="need distinct ints"):
+        config.add_geometry("far", 8, 0.1)  # outside the 8 slots
+    with pytest.raises(ValueError, match="finite and > 0"):
+        config.add_geometry("odd", 1, 0.1, cell_max=float("nan"))
+    assert config.geometry_slots == {"par04_siw": 0, "ild": 2, "allegro": 5}  # a refused claim changes nothing
+    assert "odd" not in config.geometry_thresholds
+    config.keep_geometries(["allegro"])
+    assert (config.geometry_slots, config.geometry_thresholds) == ({"allegro": 5}, {"allegro": 0.2})
+    # a duplicate slot set by hand is refused when saving, so no model is written that cannot be loaded
+    model = CaloDiTModel(preset_config("tiny", geometry_slots={"a": 0}))
+    model.config.geometry_slots = {"a": 0, "b": 0}
+    with pytest.raises(ValueError, match="need distinct ints"):
+        model.save_pretrained(tmp_path / "dup")
+    assert not (tmp_path / "dup" / "config.json").exists()

@@ -296,3 +296,79 @@ def test_load_yaml_errors_name_the_file_on_one_line(tmp_path):
         load_yaml(_write(tmp_path / "list.yaml", "- 1\n- 2\n"))
     assert load_yaml(_write(tmp_path / "empty.yaml", "")) == {}
     assert build(Recipe, tmp_path / "empty.yaml") == Recipe()
+
+
+# ----------------------------------------------------------------------------------------------
+# Range checks of the training and adaptation configs (YAML, command line and assignment alike)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("steps: 0\n", "steps must be >= 1, got 0"),
+        ("batch_size: -4\n", "batch_size must be >= 1"),
+        ("seed: -1\n", r"seed must be in \[0, 4294967295\]"),
+        ("seed: 1180591620717411303424\n", "seed must be in"),  # 2**70
+        ("ema_decay: 1.0\n", r"ema_decay must be in \[0, 1\)"),
+        ("optim: {lr: .nan}\n", "optim.lr must be a finite number"),
+        ("optim: {lr: -0.001}\n", r"optim.lr must be in \(0, 1\]"),
+        ("optim: {betas: [0.9, 1.0]}\n", r"optim.betas\[1\] must be in"),
+        ("optim: {warmup_steps: -1}\n", "optim.warmup_steps must be >= 0"),
+        ("optim: {grad_clip: .inf}\n", "optim.grad_clip must be a finite number"),
+        ("keep_checkpoints: 0\n", "keep_checkpoints must be >= 1"),
+        ("preprocess: {eps: 0.0}\n", r"preprocess.eps must be in \(0, inf\)"),
+        ("model: {cond_dropout: 1.5}\n", "model.cond_dropout must be in"),
+        ("data: {num_workers: -1}\n", "data.num_workers must be in"),
+        ("data: {sources: [{geometry: odd, samples: 0}]}\n", "samples must be >= 1"),
+        ("data: {sources: [{geometry: odd, weight: .nan}]}\n", "weight must be a finite number"),
+        ("data: {sources: [{geometry: odd, energy: [50, 5]}]}\n", "need lo <= hi"),
+        ("data: {sources: [{geometry: odd, slot: -2}]}\n", "slot must be >= 0"),
+    ],
+)
+def test_training_config_numbers_are_range_checked_and_the_error_names_the_file(tmp_path, text, match):
+    from calofm.training.config import TrainConfig
+
+    path = _write(tmp_path / "recipe.yaml", text)
+    with pytest.raises(ConfigError, match=rf"^{path}.*{match}"):
+        build(TrainConfig, path)
+
+
+def test_assignments_after_construction_are_checked_and_a_rejected_one_changes_nothing():
+    from calofm.training.config import SourceConfig, TrainConfig
+
+    cfg = TrainConfig()
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        cfg.steps = 0
+    assert cfg.steps == 1200
+    with pytest.raises(ValueError, match="optim.lr must be a finite number"):
+        cfg.optim.lr = float("nan")
+    assert cfg.optim.lr == 2e-3
+    with pytest.raises(ValueError, match="not divisible by grad_accum"):
+        cfg.grad_accum = 7
+    cfg.steps = 10  # a valid change is kept
+    assert cfg.steps == 10
+    cfg.data.sources.append(SourceConfig(geometry="odd"))  # a list changes without an assignment ...
+    cfg.data.sources[-1].__dict__["samples"] = 0  # ... and so can a field, bypassing the check
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        cfg.validate()  # which the training loop runs again before it starts
+
+
+def test_adapt_config_numbers_are_range_checked(tmp_path):
+    from calofm.adapt import AdaptConfig
+
+    for bad, match in ((dict(rank=0), "rank must be in"), (dict(steps=0), "steps must be in"),
+                       (dict(lr=float("nan")), "lr must be a finite number"), (dict(lr=-1.0), "lr must be in"),
+                       (dict(batch_size=0), "batch_size must be in"), (dict(seed=2**40), "seed must be in"),
+                       (dict(val_samples=-1), "val_samples must be >= 0"), (dict(alpha=0.0), "alpha must be in")):
+        with pytest.raises(ValueError, match=match):
+            AdaptConfig(geometry="cld", **bad)
+    a = AdaptConfig(geometry="cld")
+    with pytest.raises(ValueError, match="rank must be in"):
+        a.rank = 0
+    assert a.rank == 8
+    with pytest.raises(ValueError, match="--merge applies to LoRA"):
+        a.from_scratch, a.merge = True, True
+    path = _write(tmp_path / "adapt.yaml", "geometry: cld\nsteps: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: steps must be in"):
+        build(AdaptConfig, path)

@@ -78,7 +78,7 @@ def test_generated_layers_hold_exactly_the_energy_models_sample(base):
     gen.net.energy_net = PointMassProfile(v)
     gen.profile_precond.net = gen.net.energy_net
     e = np.array([20.0, 40.0])
-    showers = gen.sample(e, 0.3, 1.4, "ild", steps=3, seed=2)
+    showers = gen.sample(geometry="ild", energy_gev=e, phi=0.3, theta=1.4, steps=3, seed=2)
     expected = gen.space.profile.inverse(v.expand(2, 46), torch.tensor(e * 1e3, dtype=torch.float64),
                                          torch.full((2,), 2)).numpy()
     layers = showers.astype(np.float64).sum(axis=(1, 2))
@@ -141,7 +141,7 @@ def test_lora_adapts_both_parts_and_records_the_new_profile(tmp_path, base, cach
     net = load_adapted(out / "model")
     assert net.config.profile_preprocessing["stats"]["allegro"]["slot"] == info["slot"]
     gen = calofm.load(out / "model", device="cpu")
-    s = gen.sample([10.0, 30.0], 0.0, 1.5, "allegro", steps=2, seed=1)
+    s = gen.sample(geometry="allegro", energy_gev=[10.0, 30.0], phi=0.0, theta=1.5, steps=2, seed=1)
     assert s.shape == (2, 9, 16, 45) and np.isfinite(s).all() and (s.sum(axis=(1, 2, 3)) > 0).all()
 
 
@@ -151,7 +151,8 @@ def test_full_and_scratch_runs_of_the_factorised_variant(tmp_path, base, cache, 
     assert adapt(base, cache, out, *extra) == 0
     model = CaloDiTModel.from_pretrained(out / "model")
     assert model.config.variant == "factorised" and "allegro" in model.config.profile_preprocessing["stats"]
-    s = calofm.load(out / "model", device="cpu").sample(20.0, 0.0, 1.5, "allegro", steps=2, seed=1)
+    s = calofm.load(out / "model", device="cpu").sample(geometry="allegro", energy_gev=20.0, phi=0.0, theta=1.5,
+                                                      steps=2, seed=1)
     assert np.isfinite(s).all() and s.sum() > 0
 
 

@@ -161,8 +161,11 @@ def test_model_space_inputs_of_both_variants():
     with pytest.raises(ValueError, match="go together"):
         ModelSpace(layer)
     config = preset_config("tiny", variant="factorised", preprocessing=layer.state_dict(),
-                           profile_preprocessing=profile.state_dict())
+                           profile_preprocessing=profile.state_dict(), geometry_slots={"a": 0, "b": 2})
     assert ModelSpace.from_config(config).factorised
     with pytest.raises(ValueError, match="profile_preprocessing"):
         ModelSpace.from_config(preset_config("tiny", variant="factorised", preprocessing=layer.state_dict()))
+    with pytest.raises(ValueError, match="another slot"):  # statistics and slots must agree
+        preset_config("tiny", variant="factorised", preprocessing=layer.state_dict(),
+                      profile_preprocessing=profile.state_dict(), geometry_slots={"a": 0, "b": 3})
     assert math.isclose(ModelSpace.from_config(config).profile.eps, profile.eps)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,17 +97,16 @@ def test_trim_metrics_keeps_what_a_restarted_run_will_not_log_again(tmp_path):
 
 
 def test_gradient_accumulation_logs_the_mean_of_its_micro_batches_also_to_tensorboard(tmp_path, cache, monkeypatch):
-    import calofm.training.loop as loop
+    from calofm.training.objective import DiffusionObjective
 
-    micro_losses, real = [], loop.edm_loss
+    micro_losses, real = [], DiffusionObjective.forward
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if torch.is_grad_enabled():  # training micro-steps, not validation
-            micro_losses.append((out.shape[0], float(out.detach().mean())))
+    def spy(self, *args, **kwargs):  # the training objective (validation calls .parts)
+        out = real(self, *args, **kwargs)
+        micro_losses.append((out.shape[0], float(out.detach().mean())))
         return out
 
-    monkeypatch.setattr(loop, "edm_loss", spy)
+    monkeypatch.setattr(DiffusionObjective, "forward", spy)
     out = tmp_path / "accum"
     run(tiny_config(out, cache, steps=4, grad_accum=2, val_every=100, tensorboard=True))
     recs = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
@@ -235,23 +235,41 @@ def test_generation(tmp_path, cache):
     import calofm
 
     g = calofm.load(final, device="cpu")
-    a = g.sample([20.0, 30.0], 0.1, 1.2, "par04_siw", steps=2, seed=1)
-    b = g.sample([20.0, 30.0], 0.1, 1.2, "par04_siw", steps=2, seed=1)
+    kw = dict(geometry="par04_siw", phi=0.1, theta=1.2, steps=2)
+    a = g.sample(energy_gev=[20.0, 30.0], seed=1, **kw)
+    b = g.sample(energy_mev=[20e3, 30e3], seed=1, **kw)  # the same energies in MeV
     np.testing.assert_array_equal(a, b)
     assert a.shape == (2, 9, 16, 45)
+    # the unit is in the keyword: the old call (GeV, positional or energy=) is an error, not a guess
+    with pytest.raises(TypeError, match="energy_gev"):
+        g.sample([20.0, 30.0], 0.1, 1.2, "par04_siw", steps=2)
+    with pytest.raises(TypeError, match="energy_gev"):
+        g.sample(energy=[20.0, 30.0], **kw)
+    with pytest.raises(TypeError, match="exactly one"):
+        g.sample(energy_gev=[20.0], energy_mev=[2e4], **kw)
+    # MeV passed as GeV (20 TeV) or GeV as MeV (20 MeV) is far outside the card's range: a warning
+    with pytest.warns(UserWarning, match="unit"):
+        g.sample(energy_gev=[20e3], **{**kw, "steps": 1})
+    with pytest.warns(UserWarning, match="unit"):
+        g.sample(energy_mev=[20.0], **{**kw, "steps": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plausible energies: no warning
+        g.sample(energy_mev=[20e3], **{**kw, "steps": 1})
+    with pytest.raises(ValueError, match="steps must be"):
+        g.sample(energy_gev=[20.0], **{**kw, "steps": 0})
     with pytest.raises(ValueError, match="not trained on geometry 'allegro'"):
-        g.sample(10.0, 0.0, 1.5, "allegro", steps=1)
+        g.sample(geometry="allegro", energy_gev=10.0, phi=0.0, theta=1.5, steps=1)
     # no seed: fresh noise each call; any int seed works (torch generators take < 2**63)
-    c, d = (g.sample([20.0, 30.0], 0.1, 1.2, "par04_siw", steps=2) for _ in range(2))
+    c, d = (g.sample(energy_gev=[20.0, 30.0], **kw) for _ in range(2))
     assert c.shape == (2, 9, 16, 45) and not np.array_equal(c, d)
-    assert g.sample(20.0, 0.1, 1.2, "par04_siw", steps=1, seed=2**62 + 5).shape == (1, 9, 16, 45)
+    assert g.sample(energy_gev=20.0, seed=2**62 + 5, **{**kw, "steps": 1}).shape == (1, 9, 16, 45)
     # cells are capped at the brightest training cell; a tighter recorded maximum tightens the cap
     e = np.array([20.0, 30.0, 40.0])
-    frac = g.sample(e, 0.1, 1.2, "par04_siw", steps=2, seed=3).reshape(3, -1).max(1) / (e * 1e3)
+    frac = g.sample(energy_gev=e, seed=3, **kw).reshape(3, -1).max(1) / (e * 1e3)
     assert frac.max() <= g.config.geometry_cell_max["par04_siw"] * (1 + 1e-5)
     g.config.geometry_cell_max["par04_siw"] = 0.5 * frac.max()
-    capped = g.sample(e, 0.1, 1.2, "par04_siw", steps=2, seed=3).reshape(3, -1).max(1) / (e * 1e3)
-    free = g.sample(e, 0.1, 1.2, "par04_siw", steps=2, seed=3, cell_cap=False).reshape(3, -1).max(1) / (e * 1e3)
+    capped = g.sample(energy_gev=e, seed=3, **kw).reshape(3, -1).max(1) / (e * 1e3)
+    free = g.sample(energy_gev=e, seed=3, cell_cap=False, **kw).reshape(3, -1).max(1) / (e * 1e3)
     assert capped.max() <= 0.5 * frac.max() * (1 + 1e-5) < free.max()
     # --like takes conditions from a file of the same geometry only
     assert cli(["generate", "--model", str(final), "--geometry", "par04_siw", "--like", str(ref), "--steps", "1",

@@ -105,6 +105,8 @@ class CaloDiTConfig(PreTrainedConfig):
     geometry_slots: dict[str, int] = field(default_factory=dict)
     geometry_thresholds: dict[str, float] = field(default_factory=dict)
     geometry_cell_max: dict[str, float] = field(default_factory=dict)
+    # geometry name -> sha256 of its card, stored with the model as geometries/<name>.yaml (calofm.training.saved)
+    geometry_cards: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
         # Extra kwargs would silently become attributes (a typo like hiden_size=... gives the default size);
@@ -118,6 +120,7 @@ class CaloDiTConfig(PreTrainedConfig):
         self.geometry_slots = dict(self.geometry_slots or {})
         self.geometry_thresholds = {k: float(v) for k, v in (self.geometry_thresholds or {}).items()}
         self.geometry_cell_max = {k: float(v) for k, v in (self.geometry_cell_max or {}).items()}
+        self.geometry_cards = dict(self.geometry_cards or {})
         self.preprocessing = dict(self.preprocessing or {})
         self.profile_preprocessing = dict(self.profile_preprocessing or {})
         self._check()
@@ -165,6 +168,61 @@ class CaloDiTConfig(PreTrainedConfig):
             raise ValueError("geometry_cell_max names a geometry that is not in geometry_slots")
         if not all(0 < v < math.inf for v in self.geometry_cell_max.values()):
             raise ValueError(f"geometry_cell_max {self.geometry_cell_max}: values must be finite and > 0")
+        if set(self.geometry_cards) - set(self.geometry_slots):
+            raise ValueError("geometry_cards names a geometry that is not in geometry_slots")
+        if not all(isinstance(h, str) and len(h) == 64 for h in self.geometry_cards.values()):
+            raise ValueError(f"geometry_cards {self.geometry_cards}: values must be sha256 hex digests")
+        profile = (self.profile_preprocessing or {}).get("stats", {})
+        if set(profile) - set(self.geometry_slots):
+            raise ValueError("profile_preprocessing names a geometry that is not in geometry_slots")
+        if any(int(e.get("slot", -1)) != self.geometry_slots[n] for n, e in profile.items()):
+            raise ValueError("profile_preprocessing: a geometry's statistics carry another slot than geometry_slots")
+
+    # The geometry claims change only through these two methods (and are checked again on save), so a
+    # config that saves always loads: one slot per geometry, every entry about a claimed geometry.
+    def add_geometry(self, name: str, slot: int, threshold: float, cell_max: float | None = None,
+                     card_sha256: str | None = None, profile: dict | None = None) -> None:
+        """Claim ``slot`` for geometry ``name``: its own slot if the config knows it, else a free one.
+        ``profile``: the geometry's ``ProfilePreprocessor`` statistics (factorised variant)."""
+        known = self.geometry_slots.get(name)
+        if known is not None and known != slot:
+            raise ValueError(f"geometry '{name}' has slot {known} in the model, not {slot}")
+        owner = next((g for g, s in self.geometry_slots.items() if s == slot and g != name), None)
+        if owner is not None:
+            raise ValueError(f"slot {slot} for geometry '{name}' is already used by '{owner}'")
+        old = (self.geometry_slots, self.geometry_thresholds, self.geometry_cell_max, self.geometry_cards,
+               self.profile_preprocessing)
+        self.geometry_slots = {**self.geometry_slots, name: slot}
+        if profile is not None:
+            state = dict(self.profile_preprocessing)
+            self.profile_preprocessing = {**state, "stats": {**state.get("stats", {}), name: dict(profile)}}
+        self.geometry_thresholds = {**self.geometry_thresholds, name: float(threshold)}
+        if cell_max is not None:
+            self.geometry_cell_max = {**self.geometry_cell_max, name: float(cell_max)}
+        if card_sha256 is not None:
+            self.geometry_cards = {**self.geometry_cards, name: card_sha256}
+        try:
+            self._check()
+        except ValueError:
+            (self.geometry_slots, self.geometry_thresholds, self.geometry_cell_max, self.geometry_cards,
+             self.profile_preprocessing) = old
+            raise
+
+    def keep_geometries(self, names) -> None:
+        """Claim only ``names`` (a model trained further on them no longer generates the others as trained)."""
+        names = set(names)
+        unknown = sorted(names - set(self.geometry_slots))
+        if unknown:
+            raise ValueError(f"keep_geometries: {unknown} not in geometry_slots")
+        for attr in ("geometry_slots", "geometry_thresholds", "geometry_cell_max", "geometry_cards"):
+            setattr(self, attr, {k: v for k, v in getattr(self, attr).items() if k in names})
+        if self.profile_preprocessing.get("stats"):
+            stats = {k: v for k, v in self.profile_preprocessing["stats"].items() if k in names}
+            self.profile_preprocessing = {**self.profile_preprocessing, "stats": stats}
+
+    def save_pretrained(self, *args, **kwargs):
+        self._check()  # also after direct edits of the attributes: never save what cannot be loaded
+        return super().save_pretrained(*args, **kwargs)
 
     @property
     def factorised(self) -> bool:

@@ -2,41 +2,126 @@
 pretrained on simulated Par04 Si-W, ODD and ILD showers in about ten minutes on 2 CPU cores.
 
 Recipes (``recipes/configs/*.yaml``) override any field; ``--key value`` / ``--a.b=value`` on the
-command line override the recipe. Unknown keys and wrong types are errors (``calofm.config``).
+command line override the recipe. Unknown keys and wrong types are errors (``calofm.config``); every
+number is range-checked when a config is built and again whenever a field is assigned (``Validated``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+TRAIN_SEED_MAX = 2**32 - 1  # accelerate's set_seed seeds numpy's legacy generator, which takes 32 bits
+DATA_SEED_MAX = 2**62  # simulation seeds (validation uses seed + 1000; stored as an int64 file attribute)
+_MISSING = object()
+
+
+def check_int(name: str, value, low: int | None = 1, high: int | None = None, optional: bool = False) -> None:
+    """``value`` is an int in [low, high] (None: that end open; ``optional``: None is also fine)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def check_float(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False, optional: bool = False) -> None:
+    """``value`` is a finite number in its range (NaN and inf are refused)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value < low or (low_open and value == low))
+    too_high = high is not None and (value > high or (high_open and value == high))
+    if too_low or too_high:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        rule = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {rule}, got {value:g}")
+
+
+class Validated:
+    """Dataclass mixin: ``validate()`` runs after construction and again after every field assignment,
+    so a config changed in code (``cfg.steps = 0``) is checked like one read from YAML. A rejected
+    assignment leaves the old value in place. Subclasses implement ``validate``."""
+
+    def __post_init__(self):
+        self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name, value):
+        if not self.__dict__.get("_validated"):
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__.get(name, _MISSING)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except Exception:
+            if old is _MISSING:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, old)
+            raise
+
+    def validate(self) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Validated):
     """One geometry's training data: files (e.g. LEMURS parts), or showers simulated on first use."""
 
-    geometry: str
+    geometry: str  # a card name (found in data.geometry_dirs or the built-in cards) or a .yaml card path
     files: list[str] = field(default_factory=list)  # native/LEMURS .h5; empty -> simulate `samples` showers
     samples: int = 6000  # simulated training showers (when `files` is empty)
     val_samples: int = 300  # simulated validation showers, or rows held out at the end of `files`
-    weight: float = 1.0  # mixing weight of this source in every batch
+    weight: float = 1.0  # mixing weight of this source in every batch (split over its files by rows)
     energy: tuple[float, float] | None = None  # GeV range for simulation; default: the geometry card's
     spectrum: Literal["flat", "log-uniform"] | None = None
+    slot: int | None = None  # one-hot slot of this geometry in the model; default: the card's
+
+    def validate(self) -> None:
+        if not self.geometry:
+            raise ValueError("geometry must be a card name or a .yaml path")
+        check_int("samples", self.samples)
+        check_int("val_samples", self.val_samples, low=0)
+        check_float("weight", self.weight, 0.0, low_open=True)
+        check_int("slot", self.slot, low=0, optional=True)
+        if self.energy is not None:
+            for v in self.energy:
+                check_float("energy", v, 0.0, low_open=True)
+            if self.energy[0] > self.energy[1]:
+                raise ValueError(f"energy range {list(self.energy)} GeV: need lo <= hi")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Validated):
     sources: list[SourceConfig] = field(default_factory=lambda: [
         SourceConfig(geometry="par04_siw"), SourceConfig(geometry="odd"), SourceConfig(geometry="ild"),
     ])
+    geometry_dirs: list[str] = field(default_factory=list)  # extra folders of geometry cards (like --geometry-dir)
     cache_dir: str | None = None  # simulated data cache; default $CALOFM_CACHE or ~/.cache/calofm
     seed: int = 1  # simulation seed (validation uses seed + 1000)
     num_workers: int = 1  # DataLoader worker processes
     stats_samples: int = 2000  # showers per source used to fit the preprocessing statistics
 
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources is empty")
+        for src in self.sources:
+            src.validate()
+        check_int("data.seed", self.seed, low=0, high=DATA_SEED_MAX)
+        check_int("data.num_workers", self.num_workers, low=0, high=64)
+        check_int("data.stats_samples", self.stats_samples)
+
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(Validated):
     """Model-space transforms (calofm.preprocess); means and stds are fitted on the training data."""
 
     # cell energy / E_inc, in MeV, or / its layer's energy; default: "fraction" (single), "layer" (factorised)
@@ -46,17 +131,15 @@ class PreprocessConfig:
     profile_eps: float = 1e-6  # factorised: floor of the layer shares E_z / E_tot
     profile_noise_cut: float = 1.0  # factorised: sampled shares below profile_noise_cut * profile_eps -> 0
 
-    def __post_init__(self):
-        if self.eps is not None and not 0 < self.eps < 1e3:
-            raise ValueError(f"preprocess.eps must be in (0, 1000), got {self.eps}")
-        if not 0 <= self.noise_cut < 1e6 or not 0 <= self.profile_noise_cut < 1e6:
-            raise ValueError("preprocess.noise_cut and profile_noise_cut must be >= 0")
-        if not 0 < self.profile_eps < 1:
-            raise ValueError(f"preprocess.profile_eps must be in (0, 1), got {self.profile_eps}")
+    def validate(self) -> None:
+        check_float("preprocess.eps", self.eps, 0.0, low_open=True, optional=True)
+        check_float("preprocess.noise_cut", self.noise_cut, 0.0)
+        check_float("preprocess.profile_eps", self.profile_eps, 0.0, 1.0, low_open=True, high_open=True)
+        check_float("preprocess.profile_noise_cut", self.profile_noise_cut, 0.0)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Validated):
     preset: str = "small"  # tiny | small | base (calofm.models.PRESETS)
     # "single": one network for the whole shower (CaloDiT-2); "factorised": energy model + per-layer shapes
     variant: Literal["single", "factorised"] = "single"
@@ -68,9 +151,16 @@ class ModelConfig:
     P_std: float | None = None
     init_from: str | None = None  # start from a pretrained checkpoint (folder or Hub id) instead of scratch
 
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            check_int(f"model.{name}", getattr(self, name), optional=True)
+        check_float("model.cond_dropout", self.cond_dropout, 0.0, 1.0, high_open=True, optional=True)
+        check_float("model.P_mean", self.P_mean, -10.0, 10.0, optional=True)
+        check_float("model.P_std", self.P_std, 0.0, 10.0, low_open=True, optional=True)
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Validated):
     lr: float = 2e-3
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)
@@ -79,9 +169,18 @@ class OptimConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
 
+    def validate(self) -> None:
+        check_float("optim.lr", self.lr, 0.0, 1.0, low_open=True)
+        check_float("optim.weight_decay", self.weight_decay, 0.0, 1.0)
+        for i, beta in enumerate(self.betas):
+            check_float(f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_int("optim.warmup_steps", self.warmup_steps, low=0)
+        check_float("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float("optim.grad_clip", self.grad_clip, 0.0, low_open=True)
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     output_dir: str = "runs/pretrain"
     seed: int = 0  # batches, noise and initialisation
     steps: int = 1200  # optimiser steps
@@ -90,9 +189,9 @@ class TrainConfig:
     ema_decay: float = 0.995
     log_every: int = 10
     val_every: int = 200
-    save_every: int = 400  # accelerate save_state (resumable checkpoint)
+    save_every: int = 400  # resumable checkpoint (calofm.training.checkpoint)
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir/checkpoints
     stop_at: int | None = None  # end this invocation after this step, with a checkpoint (time-sliced jobs)
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     # None: as `accelerate launch --mixed_precision ...` (or `accelerate config`) says; a value here wins
@@ -102,13 +201,16 @@ class TrainConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+    def validate(self) -> None:
+        """Every field, nested configs included (lists can change without an assignment)."""
+        if not self.output_dir:
+            raise ValueError("output_dir must not be empty")
+        check_int("seed", self.seed, low=0, high=TRAIN_SEED_MAX)
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "save_every", "keep_checkpoints"):
+            check_int(name, getattr(self, name))
+        check_int("stop_at", self.stop_at, optional=True)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if not self.data.sources:
-            raise ValueError("data.sources is empty")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError("ema_decay must be in [0, 1)")
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        for part in (self.model, self.data, self.preprocess, self.optim):
+            part.validate()

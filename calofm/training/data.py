@@ -11,7 +11,7 @@ import torch
 
 from calofm.data.dataset import ShowerDataset, Source
 from calofm.data.io import ShowerFile
-from calofm.geometry import Geometry, load_geometry
+from calofm.geometry import Geometry, load_geometry, replace_card
 from calofm.preprocess import ProfilePreprocessor, ShowerPreprocessor
 from calofm.sim.cache import simulated_file
 from calofm.training.config import DataConfig, SourceConfig
@@ -26,48 +26,76 @@ class RunData:
     geometries: dict[str, Geometry]
 
 
-def _split_files(src: SourceConfig, geometry: Geometry) -> tuple[list[Source], list[Source]]:
-    """User files: the last ``val_samples`` rows of the last file are held out for validation."""
+def _split_files(src: SourceConfig, geometry: Geometry, check_values: bool) -> tuple[list[Source], list[Source]]:
+    """User files: the last ``val_samples`` rows of the last file are held out for validation.
+
+    The source's weight is shared out over its files in proportion to their training rows, so a geometry
+    given as three files gets the same share of every batch as one given as a single file. With
+    ``check_values`` every value of every file is checked first (NaN/Inf, negative energies, angles):
+    bad data is a one-line error before the run creates anything, not a crash in a loader worker.
+    """
+    from calofm.data.io import validate_file
+
     paths = [Path(p).expanduser() for p in src.files]
     sizes = []
     for p in paths:
+        if check_values:
+            validate_file(p, geometry)
         with ShowerFile(p, geometry=geometry, check=False) as f:
+            if len(f) == 0:
+                raise ValueError(f"{p}: holds no showers")
             sizes.append(len(f))
-    train = [Source(p, geometry, src.weight) for p in paths]
-    if src.val_samples <= 0:
+    val = src.val_samples if src.val_samples > 0 else 0
+    if val and sizes[-1] <= val:
+        raise ValueError(f"{paths[-1]}: {sizes[-1]} showers cannot spare val_samples={val} for validation")
+    rows = sizes[:-1] + [sizes[-1] - val]
+    train = [Source(p, geometry, src.weight * n / sum(rows), start=0, stop=n) for p, n in zip(paths, rows)]
+    if not val:
         return train, []
-    last, n_last = paths[-1], sizes[-1]
-    if n_last <= src.val_samples:
-        raise ValueError(f"{last}: {n_last} showers cannot spare val_samples={src.val_samples} for validation")
-    train[-1] = Source(last, geometry, src.weight, start=0, stop=n_last - src.val_samples)
-    return train, [Source(last, geometry, src.weight, start=n_last - src.val_samples)]
+    return train, [Source(paths[-1], geometry, src.weight, start=sizes[-1] - val)]
 
 
-def prepare_data(cfg: DataConfig, extra_geometry_dirs=None, progress: bool = True) -> RunData:
+def source_geometry(src: SourceConfig, geometry_dirs=None) -> tuple[Geometry, Geometry]:
+    """(the source's card, the same with the slot the model uses for it when that is not the card's own)."""
+    card = load_geometry(src.geometry, geometry_dirs)
+    if src.slot is not None and src.slot != card.slot:
+        return card, replace_card(card, slot=src.slot)
+    return card, card
+
+
+def prepare_data(cfg: DataConfig, extra_geometry_dirs=None, progress: bool = True,
+                 check_values: bool = True) -> RunData:
     """Resolve every source to files (simulating into the cache on first use) and build the datasets.
 
-    Call it on the main process first (``accelerator.main_process_first()``) so only one process simulates.
+    Card names are looked up in ``extra_geometry_dirs``, then ``cfg.geometry_dirs``, then the built-in
+    cards. User files are checked value by value unless ``check_values`` is False (e.g. on the other
+    processes of a multi-process run, after the main process checked them). Call it on the main process
+    first (``accelerator.main_process_first()``) so only one process simulates.
     """
+    dirs = [*(extra_geometry_dirs or []), *cfg.geometry_dirs]
     train, val, geos = [], {}, {}
     for src in cfg.sources:
-        geometry = load_geometry(src.geometry, extra_geometry_dirs)
+        card, geometry = source_geometry(src, dirs)  # simulate with the card, label rows with the model's slot
         if geometry.name in geos:
             raise ValueError(f"geometry '{geometry.name}' is listed twice in data.sources")
         geos[geometry.name] = geometry
-        if src.weight <= 0:
-            raise ValueError(f"data source {geometry.name}: weight must be > 0")
         if src.files:
-            tr, va = _split_files(src, geometry)
+            tr, va = _split_files(src, geometry, check_values)
         else:
             sim = dict(cache=cfg.cache_dir, energy=src.energy, spectrum=src.spectrum, progress=progress)
-            tr = [Source(simulated_file(geometry, src.samples, seed=cfg.seed, **sim), geometry, src.weight)]
+            tr = [Source(simulated_file(card, src.samples, seed=cfg.seed, **sim), geometry, src.weight)]
             va = []
             if src.val_samples > 0:
-                path = simulated_file(geometry, src.val_samples, seed=cfg.seed + 1000, **sim)
+                path = simulated_file(card, src.val_samples, seed=cfg.seed + 1000, **sim)
                 va = [Source(path, geometry, src.weight)]
         train += tr
         if va:
             val[geometry.name] = ShowerDataset(va)
+    slots = {}
+    for g in geos.values():
+        if g.slot in slots:
+            raise ValueError(f"geometries '{slots[g.slot]}' and '{g.name}' both use slot {g.slot}")
+        slots[g.slot] = g.name
     return RunData(train=ShowerDataset(train), val=val, geometries=geos)
 
 

@@ -4,14 +4,16 @@ Exactness: the rows of every global batch (``StepBatchSampler``), the EDM noise,
 dropout of every micro-step are drawn from generators keyed by ``(seed, micro-step)`` and sliced per
 process (``calofm.training.objective.step_noise``, on the device). So W processes see exactly the
 global batch one process sees, and a resumed run continues the same loss curve (model, optimiser,
-scheduler, EMA and step are restored by ``load_state``). Nothing waits for the device in a step that
-does not log: the loss and gradient norm are read back only at ``log_every``.
+scheduler, EMA and step are restored from a checkpoint written by ``calofm.training.checkpoint``,
+without pickle). Nothing waits for the device in a step that does not log: the loss and gradient norm
+are read back only at ``log_every``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ from calofm.config import to_dict
 from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
 from calofm.diffusion import EDM_DEFAULTS, edm_constant
 from calofm.ema import EMA
+from calofm.geometry import Geometry
 from calofm.preprocess import ModelSpace
+from calofm.training.checkpoint import GracefulStop, checkpoints, load_latest, save_checkpoint
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, prepare_data
 from calofm.training.objective import DiffusionObjective, step_noise
+from calofm.training.saved import CARDS_DIR, card_bytes
 from calofm.training.tracking import trackers, trim_metrics
 
 log = logging.getLogger(__name__)
@@ -42,23 +47,17 @@ class Setup:
     """What differs between pretraining and adaptation: how the network is built and what is saved."""
 
     build: Callable[[RunData], tuple[nn.Module, ModelSpace]]  # -> raw network F, its model space
-    save: Callable[[nn.Module, Path], None]  # (network with EMA weights, output dir)
+    save: Callable[[nn.Module, Path, dict[str, Geometry]], None]  # (EMA network, output dir, the run's cards)
     # optional extra metrics at every validation point, e.g. a fidelity metric of generated showers:
     # (network with EMA weights, step) -> {name: value}; runs on the main process
     evaluate: Callable[[nn.Module, int], dict] | None = None
 
 
 class TrainState:
-    """The step counter, checkpointed with the rest by ``save_state``."""
+    """The step counter (stored in every checkpoint's state.json)."""
 
     def __init__(self):
         self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -121,18 +120,37 @@ def validate(net: nn.Module, space: ModelSpace, data: RunData, acc: Accelerator,
 
 
 def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None) -> Path | None:
-    """Run (or resume) training; returns the folder of the final EMA model (None when stopped at ``stop_at``)."""
+    """Run (or resume) training; returns the folder of the final EMA model (None when stopped at ``stop_at``).
+
+    Inputs are checked before the run folder is created (data values, base model, checkpoints, cards). A
+    folder this call created is removed again if it fails before leaving a checkpoint or a model.
+    """
+    cfg.validate()  # also after changes made in code since construction
     out = Path(cfg.output_dir)
+    created = not out.exists()
+    if (out / "model").exists() and not checkpoints(out / "checkpoints"):
+        raise ValueError(f"{out / 'model'}: this run has finished already; use another output_dir")
     acc = accelerator or Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers(out, cfg.tensorboard),
-        project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=True,
-                                            total_limit=cfg.keep_checkpoints),
+        project_config=ProjectConfiguration(project_dir=str(out)),
     )
+    try:
+        with GracefulStop(enabled=acc.num_processes == 1) as stop:
+            return _train(cfg, setup, acc, out, stop)
+    except BaseException:
+        if created and acc.is_main_process and out.exists() and not checkpoints(out / "checkpoints") \
+                and not (out / "model").exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing resumable or usable in it: leave nothing behind
+        raise
+
+
+def _train(cfg: TrainConfig, setup: Setup, acc: Accelerator, out: Path, stop: GracefulStop) -> Path | None:
     set_seed(cfg.seed)
     with acc.main_process_first():
-        data = prepare_data(cfg.data, progress=acc.is_local_main_process)
+        data = prepare_data(cfg.data, progress=acc.is_local_main_process, check_values=acc.is_main_process)
+    check_run_cards(out, data.geometries)
     net, space = setup.build(data)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(net, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
@@ -141,18 +159,26 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     ema, state, edm = EMA(net, cfg.ema_decay), TrainState(), _EDM(net)
     # the objective (both networks of the factorised variant) is what is prepared: one forward per step
     model, opt = acc.prepare(DiffusionObjective(net), opt)
-    acc.register_for_checkpointing(sched, ema, state)
     ckpts = out / "checkpoints"
-    if cfg.resume and ckpts.is_dir() and any(ckpts.iterdir()):
-        acc.load_state()
-        acc.project_configuration.iteration = max(int(p.name.rsplit("_", 1)[1]) for p in ckpts.iterdir()) + 1
-        acc.print(f"resumed from {ckpts} at step {state.step}")
+    if not cfg.resume and checkpoints(ckpts):
+        raise ValueError(f"{ckpts}: holds checkpoints of an earlier run but resume is off; use another output_dir")
+    state.step, resumed = load_latest(ckpts, acc.unwrap_model(model).net, opt, sched, ema, acc.scaler)
+    if resumed is not None:
+        acc.print(f"resumed from {resumed} at step {state.step}")
     ema.to(acc.device)
     if acc.is_main_process:
         trim_metrics(out / "logs" / "metrics.jsonl", state.step)  # records past the checkpoint are logged again
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_run_cards(out, data.geometries)
     acc.init_trackers("calofm", config={"world": acc.num_processes, **_flat(to_dict(cfg))})
+
+    def checkpoint():
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(ckpts, state.step, acc.unwrap_model(model).net, opt, sched, ema, acc.scaler,
+                            keep=cfg.keep_checkpoints)
+        acc.wait_for_everyone()
 
     micro_batch = cfg.batch_size // cfg.grad_accum  # global size of one micro-batch
     sampler = StepBatchSampler(data.train.sizes, micro_batch, cfg.steps * cfg.grad_accum, seed=cfg.seed,
@@ -161,6 +187,8 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     loader = make_loader(data.train, sampler, num_workers=cfg.data.num_workers)
     drop_p = float(getattr(net.config, "cond_dropout", 0.0) or 0.0)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
+    start_step = state.step
+    stop.arm()
     if state.step == 0:
         _validate_and_log(acc, model, ema, space, data, setup, 0)
     model.train()
@@ -169,6 +197,12 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     loss_sum = torch.zeros((), device=acc.device)  # over the micro-batches of one optimiser step
     batches = iter(loader)
     while state.step < cfg.steps:
+        if stop.requested and micro % cfg.grad_accum == 0:  # between optimiser steps: a consistent state
+            bar.close()
+            if state.step > start_step:
+                checkpoint()
+                acc.print(f"checkpoint at step {state.step} saved in {ckpts}; run the same command to resume")
+            raise KeyboardInterrupt
         t0 = time.perf_counter()
         batch = next(batches)
         t_wait += time.perf_counter() - t0
@@ -203,22 +237,37 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
         if state.step % cfg.val_every == 0 or state.step == cfg.steps:
             _validate_and_log(acc, model, ema, space, data, setup, state.step)
         if state.step == cfg.stop_at and state.step < cfg.steps:
-            acc.save_state()
+            checkpoint()
             acc.print(f"stopping at step {state.step} as asked (stop_at); run again to resume")
             bar.close()
             acc.end_training()
             return None
         if state.step % cfg.save_every == 0 and state.step < cfg.steps:
-            acc.save_state()
+            checkpoint()
     bar.close()
     final = out / "model"
     acc.wait_for_everyone()
     if acc.is_main_process:
-        setup.save(_ema_copy(acc, model, ema), final)
+        setup.save(_ema_copy(acc, model, ema), final, data.geometries)
         acc.print(f"saved {final}")
     acc.wait_for_everyone()
     acc.end_training()
     return final
+
+
+def check_run_cards(out: Path, geometries: dict[str, Geometry]) -> None:
+    """A resumed run must use the cards it started with (they decide the data and the saved model)."""
+    for name, geometry in geometries.items():
+        stored = out / CARDS_DIR / f"{name}.yaml"
+        if stored.is_file() and stored.read_bytes() != card_bytes(geometry):
+            raise ValueError(f"{geometry.source or name}: card of geometry '{name}' differs from the one this run "
+                             f"started with ({stored}); use another output_dir or the same card")
+
+
+def write_run_cards(out: Path, geometries: dict[str, Geometry]) -> None:
+    (out / CARDS_DIR).mkdir(exist_ok=True)
+    for name, geometry in geometries.items():
+        (out / CARDS_DIR / f"{name}.yaml").write_bytes(card_bytes(geometry))
 
 
 def _validate_and_log(acc, model, ema, space, data, setup: Setup, step: int) -> None:

@@ -14,6 +14,7 @@ from calofm.preprocess import ModelSpace, ProfilePreprocessor, ShowerPreprocesso
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, cell_maxima, fit_preprocessor, fit_profile
 from calofm.training.loop import Setup, train
+from calofm.training.saved import load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +29,22 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
         slots = {name: g.slot for name, g in data.geometries.items()}
         thresholds = {name: g.card.threshold for name, g in data.geometries.items()}
         if m.init_from:
-            net = CaloDiTModel.from_pretrained(m.init_from)
+            net, _, _ = load_model(m.init_from)
             space = ModelSpace.from_config(net.config)
-            clash = {n: s for n, s in slots.items() if net.config.geometry_slots.get(n, s) != s}
-            if clash:
-                raise ValueError(f"{m.init_from}: geometry slots differ from the run's: {clash}")
-            net.config.geometry_slots = {**net.config.geometry_slots, **slots}
-            net.config.geometry_thresholds = {**net.config.geometry_thresholds, **thresholds}
+            cell_max = {} if space.factorised else cell_maxima(data.train, stats_n, space.shower)
             if space.factorised:  # geometries new to the model get their profile statistics; known ones keep theirs
-                new = {n: s for n, s in slots.items() if n not in space.profile.geometries}
+                new = {n: g.slot for n, g in data.geometries.items() if n not in space.profile.geometries}
                 if new:
                     fit_profile(data.train, stats_n, new, space.profile)
-                    net.config.profile_preprocessing = space.profile.state_dict()
-            else:
-                net.config.geometry_cell_max = {**net.config.geometry_cell_max,
-                                                **cell_maxima(data.train, stats_n, space.shower)}
+            try:  # the base's claims are checked: a geometry keeps its slot, a slot keeps its geometry
+                for name, g in data.geometries.items():
+                    net.config.add_geometry(name, g.slot, g.card.threshold, cell_max.get(name))
+            except ValueError as err:
+                raise ValueError(f"{m.init_from}: {err}") from None
+            if space.factorised:
+                net.config.profile_preprocessing = space.profile.state_dict()
+            # trained further on these geometries only: it no longer generates the others as the base did
+            net.config.keep_geometries(data.geometries)
             return net, space
         p = cfg.preprocess
         factorised = m.variant == "factorised"
@@ -71,8 +73,9 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
     return build_model
 
 
-def save_pretrained(net: nn.Module, out: Path) -> None:
-    net.save_pretrained(out)
+def save_pretrained(net: nn.Module, out: Path, geometries: dict) -> None:
+    """The final model folder: weights, config and the cards of the run's geometries (calofm.training.saved)."""
+    save_model(net, out, geometries)
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:

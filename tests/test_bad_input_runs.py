@@ -1,0 +1,306 @@
+"""generate and adapt on bad input, damaged models / adapters / checkpoints, and Ctrl-C: exit 2 (130 for
+Ctrl-C), one line on stderr naming the file and the problem, no traceback, no output left, inputs unchanged.
+
+The corrupt files are made here with h5py directly (no checks on the way in)."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import random_showers
+from train_helpers import reset_accelerate, run, tiny_config
+
+from calofm.cli import main as cli
+
+PROGRESS = re.compile(r"\d+%\||it/s|shower/s")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cache) -> Path:
+    return run(tiny_config(tmp_path_factory.mktemp("base") / "run", cache, steps=4, val_every=4))
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, base, cache) -> Path:
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    reset_accelerate()
+    assert cli(["adapt", "--geometry", "allegro", "--base", str(base), "--samples", "256", "--steps", "2",
+                "--batch-size", "16", "--cache-dir", str(cache), "--out", str(out)]) == 0
+    return out / "model"
+
+
+def digest(path: Path) -> str | None:
+    """sha256 of a file, or of every file under a folder; None if it does not exist."""
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def error_line(capsys, prog: str) -> str:
+    """The one line on stderr (progress bars aside); never a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not PROGRESS.search(line)]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"calofm {prog}: error: "), lines[0]
+    return lines[0]
+
+
+def write_raw(path: Path, n: int = 40, geometry: str = "par04_siw", **change):
+    """A native-layout file written with h5py: ``change`` replaces datasets (None drops one) or sets attributes."""
+    data = random_showers(n, seed=5)
+    attrs = {"geometry": geometry}
+    for key, value in change.items():
+        (data if key in data else attrs)[key] = value
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            if value is not None:
+                f.create_dataset(key, data=value)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    return path
+
+
+def _showers(edit):
+    s = random_showers(40, seed=5)["showers"]
+    edit(s)
+    return s
+
+
+# name -> (make(path, geometry), what the error says)
+BAD = {
+    "missing": (lambda p, g: None, "file not found"),
+    "empty": (lambda p, g: p.write_bytes(b""), "not an HDF5 file"),
+    "text": (lambda p, g: p.write_text("showers,energy\n1,2\n"), "not an HDF5 file"),
+    "truncated": (lambda p, g: (write_raw(p, 200, g), os.truncate(p, p.stat().st_size // 2)), "corrupt"),
+    "directory": (lambda p, g: p.mkdir(), "is a directory"),
+    "missing_key": (lambda p, g: write_raw(p, geometry=g, incident_theta=None), "missing key"),
+    "wrong_shape": (lambda p, g: write_raw(p, geometry=g, showers=np.zeros((40, 9, 16, 44), "f4")), "has shape"),
+    "mismatched_n": (lambda p, g: write_raw(p, geometry=g, incident_energy=np.full(39, 1e4, "f4")), "entries but"),
+    "nan": (lambda p, g: write_raw(p, geometry=g, showers=_showers(lambda s: s.__setitem__((7, 0, 0, 0), np.nan))),
+            "holds NaN/Inf (first in shower 7)"),
+    "inf": (lambda p, g: write_raw(p, geometry=g, showers=_showers(lambda s: s.__setitem__((9, 1, 1, 1), np.inf))),
+            "holds NaN/Inf (first in shower 9)"),
+    "negative_cell": (lambda p, g: write_raw(p, geometry=g, showers=_showers(lambda s: s.__setitem__(
+        (3, 2, 2, 2), -1.0))), "negative energies (first in shower 3)"),
+    "zero_energy": (lambda p, g: write_raw(p, geometry=g, incident_energy=np.zeros(40, "f4")), "must be > 0 MeV"),
+    "int_dtype": (lambda p, g: write_raw(p, geometry=g, showers=np.zeros((40, 9, 16, 45), "i4")), "dtype int32"),
+    "no_rows": (lambda p, g: write_raw(p, 0, g), "holds no showers"),
+    "other_mesh": (lambda p, g: write_raw(p, geometry=g, mesh_dr=7.0), "mesh mismatch"),
+    "other_geometry": (lambda p, g: write_raw(p, geometry="odd"), "geometry mismatch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_generate_like_a_bad_file(case, tmp_path, base, capsys):
+    make, problem = BAD[case]
+    bad = tmp_path / f"{case}.h5"
+    make(bad, "par04_siw")
+    before, out = digest(bad), tmp_path / "new" / "gen.h5"
+    assert cli(["generate", "--model", str(base), "--geometry", "par04_siw", "--like", str(bad), "--steps", "1",
+                "--out", str(out)]) == 2
+    line = error_line(capsys, "generate")
+    assert str(bad) in line and problem in line, line
+    assert not (tmp_path / "new").exists() and digest(bad) == before
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_adapt_data_a_bad_file(case, tmp_path, base, cache, capsys):
+    make, problem = BAD[case]
+    good = write_raw(tmp_path / "good.h5", 400, "allegro")
+    bad = tmp_path / f"{case}.h5"
+    make(bad, "allegro")
+    before, out = [digest(p) for p in (good, bad, base)], tmp_path / "run"
+    reset_accelerate()
+    assert cli(["adapt", "--geometry", "allegro", "--base", str(base), "--data", str(good), str(bad),
+                "--steps", "1", "--cache-dir", str(cache), "--out", str(out)]) == 2
+    line = error_line(capsys, "adapt")
+    assert str(bad) in line and problem.replace("geometry mismatch", "mismatch") in line, line
+    assert not out.exists() and [digest(p) for p in (good, bad, base)] == before
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"), (["--samples", "0"], "--samples"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**70)], "--seed"), (["--steps", "nan"], "--steps"),
+])
+def test_generate_bad_numbers(args, option, tmp_path, base, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["generate", "--model", str(base), "--geometry", "odd", "--samples", "2", "--out",
+             str(tmp_path / "g.h5"), *args])
+    assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+    assert cli(["generate", "--model", str(base), "--geometry", "par04_siw", "--samples", "2", "--energy", "0:10",
+                "--out", str(tmp_path / "g.h5")]) == 2
+    assert "--energy 0:10: must lie in (0" in error_line(capsys, "generate")
+    assert not (tmp_path / "g.h5").exists()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--steps", "0"], "--steps"), (["--rank", "0"], "--rank"), (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"), (["--seed", "-1"], "--seed"), (["--samples", "0"], "--samples"),
+])
+def test_adapt_bad_numbers(args, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["adapt", "--geometry", "allegro", "--out", str(tmp_path / "run"), *args])
+    assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def flip(path: Path, where: float) -> None:
+    """Invert one byte at a relative position of the file (0: start of the header, 0.9: tensor data)."""
+    data = bytearray(path.read_bytes())
+    i = min(int(len(data) * where) + (8 if where == 0 else 0), len(data) - 1)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+MODEL_DAMAGE = {
+    "truncated": (lambda m: os.truncate(m / "model.safetensors", 1000), "model.safetensors: does not match the sha256"),
+    "header_flipped": (lambda m: flip(m / "model.safetensors", 0), "model.safetensors: does not match the sha256"),
+    "data_flipped": (lambda m: flip(m / "model.safetensors", 0.9), "model.safetensors: does not match the sha256"),
+    "truncated_no_manifest": (lambda m: (os.remove(m / "calofm_checksums.json"),
+                                         os.truncate(m / "model.safetensors", 1000)), "model.safetensors: cannot be"),
+    "no_weights": (lambda m: os.remove(m / "model.safetensors"), "model.safetensors: file not found"),
+    "pickle_only": (lambda m: os.replace(m / "model.safetensors", m / "pytorch_model.bin"), "are not loaded"),
+    "no_config": (lambda m: os.remove(m / "config.json"), "config.json: file not found"),
+    "broken_config": (lambda m: (m / "config.json").write_text('{"model_type": "calo'), "config.json: not valid"),
+    "no_card": (lambda m: os.remove(m / "geometries" / "par04_siw.yaml"), "par04_siw.yaml: file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DAMAGE))
+def test_generate_with_a_damaged_model(case, tmp_path, base, capsys):
+    damage, problem = MODEL_DAMAGE[case]
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    damage(model)
+    before = digest(model)
+    assert cli(["generate", "--model", str(model), "--geometry", "par04_siw", "--samples", "2", "--steps", "1",
+                "--out", str(tmp_path / "g.h5")]) == 2
+    line = error_line(capsys, "generate")
+    assert str(model) in line and problem in line, line
+    assert not (tmp_path / "g.h5").exists() and digest(model) == before
+
+
+ADAPTER_DAMAGE = {
+    "no_weights": (lambda a: os.remove(a / "adapter_model.safetensors"), "adapter_model.safetensors: file not found"),
+    "data_flipped": (lambda a: flip(a / "adapter_model.safetensors", 0.9), "adapter_model.safetensors: does not m"),
+    "truncated": (lambda a: os.truncate(a / "adapter_model.safetensors", 100), "adapter_model.safetensors: does no"),
+    "truncated_old_format": (lambda a: (os.remove(a / "calofm_checksums.json"), _set_info(a, format=1),
+                                        os.truncate(a / "adapter_model.safetensors", 100)),
+                             "adapter_model.safetensors: cannot be loaded"),
+    "no_manifest": (lambda a: os.remove(a / "calofm_checksums.json"), "calofm_checksums.json: file not found"),
+    "broken_peft_json": (lambda a: (a / "adapter_config.json").write_text("{"), "adapter_config.json: not valid JSON"),
+    "broken_info_json": (lambda a: (a / "calofm_adapter.json").write_text("[1,"), "calofm_adapter.json: not valid"),
+    "info_without_slot": (lambda a: _set_info(a, slot=None), "calofm_adapter.json: missing entry 'slot'"),
+    "card_changed": (lambda a: (a / "geometries" / "allegro.yaml").write_text("name: allegro\n"), "does not match"),
+}
+
+
+def _set_info(adapter: Path, **change):
+    path = adapter / "calofm_adapter.json"
+    info = json.loads(path.read_text())
+    info.update(change)
+    path.write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_DAMAGE))
+def test_generate_with_a_damaged_adapter(case, tmp_path, adapter, base, capsys):
+    damage, problem = ADAPTER_DAMAGE[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    _set_info(folder, base_path=str(Path(base).resolve()), base_relative=None)
+    damage(folder)
+    before = digest(folder)
+    assert cli(["generate", "--model", str(folder), "--geometry", "allegro", "--samples", "2", "--steps", "1",
+                "--out", str(tmp_path / "g.h5")]) == 2
+    line = error_line(capsys, "generate")
+    assert str(folder) in line and problem in line, line
+    assert not (tmp_path / "g.h5").exists() and digest(folder) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: a damaged newest one falls back to the previous complete one
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stopped(tmp_path, cache) -> Path:
+    """A run stopped at step 4 with checkpoints at steps 2 and 4."""
+    out = tmp_path / "run"
+    assert run(tiny_config(out, cache, steps=6, save_every=2, stop_at=4, val_every=100)) is None
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2", "checkpoint_4"]
+    return out
+
+
+def steps_logged(out: Path) -> list[int]:
+    from calofm.training.tracking import read_metrics
+
+    return [r["step"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
+
+
+CHECKPOINT_DAMAGE = {
+    "truncated": lambda c: os.truncate(c / "model.safetensors", 500),
+    "flipped": lambda c: flip(c / "optimizer.safetensors", 0.9),
+    "missing_file": lambda c: os.remove(c / "ema.safetensors"),
+    "broken_state": lambda c: (c / "state.json").write_text("{"),
+    "no_manifest": lambda c: os.remove(c / "calofm_checksums.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_DAMAGE))
+def test_resume_falls_back_to_the_previous_complete_checkpoint(case, stopped, cache, caplog):
+    CHECKPOINT_DAMAGE[case](stopped / "checkpoints" / "checkpoint_4")
+    caplog.set_level("WARNING", logger="calofm.training.checkpoint")
+    assert run(tiny_config(stopped, cache, steps=6, save_every=2, val_every=100)) == stopped / "model"
+    assert "checkpoint_4" in caplog.text and "resuming from" in caplog.text and "checkpoint_2 (step 2)" in caplog.text
+    assert steps_logged(stopped) == [1, 2, 3, 4, 5, 6]  # steps 3-4 trained again, logged once
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(stopped, cache, capsys):
+    for ckpt in (stopped / "checkpoints").iterdir():
+        flip(ckpt / "model.safetensors", 0.9)
+    before = digest(stopped)
+    cfg = tiny_config(stopped, cache, steps=6, save_every=2, val_every=100)
+    from calofm.training.pretrain import main as pretrain
+
+    path = stopped.parent / "cfg.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    assert pretrain(["--config", str(path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "checkpoint_4/model.safetensors: does not match the sha256" in err[0]
+    assert "no intact checkpoint left" in err[0]
+    assert digest(stopped) == before  # nothing changed: no fresh start over the old run
+
+
+def test_a_pickle_in_a_checkpoint_is_never_loaded(stopped, cache, tmp_path, caplog):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    legacy = stopped / "checkpoints" / "checkpoint_5"  # newest: an accelerate-era checkpoint
+    legacy.mkdir()
+    (legacy / "random_states_0.pkl").write_bytes(pickle.dumps(Payload()))
+    caplog.set_level("WARNING", logger="calofm.training.checkpoint")
+    run(tiny_config(stopped, cache, steps=6, save_every=2, val_every=100))
+    assert not marker.exists()
+    assert "random_states_0.pkl: pickle from an older calofm checkpoint format, which is never loaded" in caplog.text
+    assert steps_logged(stopped) == [1, 2, 3, 4, 5, 6]
