@@ -174,8 +174,10 @@ class ShowerGenerator:
             profile_noise = torch.randn((n, self.space.profile.width), generator=gen, dtype=torch.float64).to(dev)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 profile = step_fn(self.profile_precond, profile_noise, cond, num_steps=steps)
-                y = step_fn(self.precond, noise, {**cond, "profile": profile.float()}, num_steps=steps)
             layers = self.space.profile.inverse(profile, e_mev, cond["geometry"])  # (B, Z) MeV
+            shape_cond = {**cond, "profile": profile.float(), "layer_energy": layers.float()}
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+                y = step_fn(self.precond, noise, shape_cond, num_steps=steps)
             return self.pre.inverse(y, e_mev, threshold=threshold, layers=layers).float().cpu().numpy()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
             y = step_fn(self.precond, noise, cond, num_steps=steps)

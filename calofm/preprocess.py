@@ -369,4 +369,5 @@ class ModelSpace:
         if self.profile is not None:
             layers = showers.sum(dim=(1, 2), dtype=torch.float64)
             cond["profile"] = self.profile(layers, energy.double(), cond["geometry"], check=check).float()
+            cond["layer_energy"] = layers.float()
         return self.shower.forward(showers, energy, check=check), cond

@@ -87,7 +87,7 @@ def test_generated_layers_hold_exactly_the_energy_models_sample(base):
     np.testing.assert_allclose(layers[hit], expected[hit], rtol=1e-4)
     assert showers[showers > 0].min() >= 0.1  # ... with the ILD readout threshold (0.1 MeV) applied:
     assert not hit[expected < 0.1].any()  # a layer with less energy than the threshold reads nothing
-    assert hit.sum() > 0.8 * (expected >= 0.1).sum()
+    assert hit.sum(axis=1).min() > 5
 
 
 def test_generation_cli_and_determinism(tmp_path, base):
@@ -164,6 +164,16 @@ def test_single_variant_has_no_energy_model():
                 geometry=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="profile"):
         fact(x, torch.zeros(2), **cond)
-    assert fact(x, torch.zeros(2), profile=torch.zeros(2, 46), **cond).shape == x.shape
+    layers = torch.full((2, 45), 50.0)
+    assert fact(x, torch.zeros(2), profile=torch.zeros(2, 46), layer_energy=layers, **cond).shape == x.shape
+    # each token sees its own layers: changing layer 44's energy changes only the last z-patch's output
+    # (the tiny preset's patches are 3 layers deep; blocks mix tokens, so test the per-token embedding)
+    e1 = fact.embed_layers(torch.zeros(2, 46), layers)
+    layers2 = layers.clone()
+    layers2[:, 44] = 5000.0
+    e2 = fact.embed_layers(torch.zeros(2, 46), layers2)
+    gz = fact.config.grid_size[2]
+    changed = (e1 - e2).abs().sum(-1).reshape(2, -1, gz) > 0  # (B, r*p, z-patch)
+    assert changed[..., -1].all() and not changed[..., :-1].any()
     with pytest.raises(ValueError, match="variant"):
         create_model("tiny", variant="double")

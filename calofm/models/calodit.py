@@ -307,7 +307,9 @@ class CaloDiTModel(ShowerConditions, CaloDiTPreTrainedModel):
     """Raw network F(x, c_noise, energy, phi, theta, geometry[, profile]) -> (B, R, P, Z) in model space.
 
     The factorised variant also holds ``energy_net`` (the profile's F) and conditions the shower network on
-    the profile vector (B, Z + 1) through ``profile_embed``.
+    the profile: the whole vector (B, Z + 1) through ``profile_embed`` into the adaLN conditioning, and each
+    token on its own layers (their share and their energy, which decides how many cells can pass the readout
+    threshold) through ``layer_embed``, added to the token like its position.
     """
 
     def __init__(self, config: CaloDiTConfig):
@@ -322,6 +324,7 @@ class CaloDiTModel(ShowerConditions, CaloDiTPreTrainedModel):
         if config.factorised:
             n_layers = config.mesh_shape[2]
             self.profile_embed = ConditionEmbedder(n_layers + 1, d)
+            self.layer_embed = nn.Linear(2 * config.patch_size[2], d)  # (share, log energy) of the token's layers
             self.energy_net = LayerEnergyNet(
                 n_layers, config.energy_hidden_size, config.energy_num_layers, config.energy_num_heads,
                 frequency_embedding_size=config.frequency_embedding_size, n_slots=config.n_geometry_slots,
@@ -344,16 +347,30 @@ class CaloDiTModel(ShowerConditions, CaloDiTPreTrainedModel):
         n_r, n_phi, n_z = self.config.mesh_shape
         return x[:, :n_r, :n_phi, :n_z]
 
-    def forward(self, x, c_noise, energy, phi, theta, geometry, profile=None, drop_cond=None) -> torch.Tensor:
+    def embed_layers(self, profile: torch.Tensor, layer_energy: torch.Tensor) -> torch.Tensor:
+        """Per-token embedding (B, T, D) of the token's layers: their profile share (model space) and
+        log(1 + E_z / MeV) / 5 (about unit scale); layers beyond the mesh (padding) are 0."""
+        (gr, gp, gz), pz = self.config.grid_size, self.config.patch_size[2]
+        feats = torch.stack([profile[:, 1:].float(), torch.log1p(layer_energy.float().clamp_min(0)) / 5], dim=-1)
+        feats = F.pad(feats, (0, 0, 0, gz * pz - feats.shape[1]))  # (B, gz * pz, 2)
+        per_z = self.layer_embed(rearrange(feats, "b (z k) f -> b z (k f)", k=pz).to(self.dtype))  # (B, gz, D)
+        return per_z[:, None, None].expand(-1, gr, gp, -1, -1).flatten(1, 3)  # tokens are (r, p, z), z fastest
+
+    def forward(self, x, c_noise, energy, phi, theta, geometry, profile=None, layer_energy=None,
+                drop_cond=None) -> torch.Tensor:
         """x (B, R, P, Z) model space, c_noise = ln(sigma)/4 (B,), energy GeV (B,), phi/theta rad (B,),
-        geometry slots long (B,); factorised: profile (B, Z + 1) in the profile's model space;
-        drop_cond bool (B,) forces the unconditional branch (CFG)."""
+        geometry slots long (B,); factorised: profile (B, Z + 1) in the profile's model space and the layer
+        energies (B, Z) in MeV; drop_cond bool (B,) forces the unconditional branch (CFG)."""
         tokens = self.patch_embed(x.to(self.dtype)) + self.pos_embed  # (B, T, D)
         extra = None
         if self.config.factorised:
-            if profile is None:
-                raise ValueError("the factorised CaloDiT needs the profile (B, Z + 1) as a condition")
+            if profile is None or layer_energy is None:
+                raise ValueError("the factorised CaloDiT needs the profile (B, Z + 1) and layer energies (B, Z)")
             extra = self.profile_embed(profile.float())
+            per_token = self.embed_layers(profile, layer_energy)
+            if drop_cond is not None:
+                per_token = per_token * (~drop_cond).to(per_token.dtype)[:, None, None]
+            tokens = tokens + per_token
         cond = self.embed_conditions(energy, phi, theta, geometry, drop_cond, self.config.cond_dropout, extra)
         c = self.t_embedder(c_noise) + cond  # (B, D)
         # DiT applies SiLU inside every adaLN_modulation; doing it once here keeps adaLN_modulation a plain

@@ -59,7 +59,7 @@ class DiffusionObjective(nn.Module):
             cond = {**cond, "drop_cond": noise["drop"]}
         out = {"shower": edm_loss(EDMPrecond(net), x, cond, sigma=noise["sigma"], noise=noise["noise"])}
         if self.factorised:
-            profile_cond = {k: v for k, v in cond.items() if k != "profile"}
+            profile_cond = {k: v for k, v in cond.items() if k not in ("profile", "layer_energy")}
             out["profile"] = edm_loss(EDMPrecond(net.energy_net, net.config), cond["profile"], profile_cond,
                                       sigma=noise["profile_sigma"], noise=noise["profile_noise"])
         return out
