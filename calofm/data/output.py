@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -104,6 +105,7 @@ class Staging:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
+                check_interrupted()  # a Ctrl-C that h5py swallowed inside the block: nothing is moved
                 for tmp, final, how in self._moves:
                     for target in _targets(tmp, final, how):
                         if _real(target) in self.inputs or any(i in _real(target).parents for i in self.inputs):
@@ -166,6 +168,17 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quiet_unraisable(previous):
+    """Python's report of a swallowed KeyboardInterrupt ("Exception ignored in ...", a traceback) is noise
+    here: the Ctrl-C is remembered and raised at the next check. Everything else is reported as before."""
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+
+    return hook
+
+
 @contextmanager
 def catch_interrupts():
     """Within the block, Ctrl-C raises KeyboardInterrupt as usual and is remembered for ``check_interrupted``.
@@ -177,10 +190,13 @@ def catch_interrupts():
         yield
         return
     signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
     try:
         yield
+        check_interrupted()  # never lose a Ctrl-C that was swallowed after the last check
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
         _interrupted.clear()
 
 
