@@ -48,7 +48,9 @@ def detect_kind(path: str | Path) -> str:
     if path.is_dir() or path.suffix == ".parquet":
         return "parquet"
     with open_h5(path) as f, h5_errors(path):
-        if "incident_energies" in f:
+        native_keys = any(k in f for k in ("incident_energy", "incident_phi", "incident_theta"))
+        flat = "showers" in f and getattr(f["showers"], "ndim", 0) == 2
+        if "incident_energies" in f or (flat and not native_keys):
             return "calochallenge"
     return "calofm"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -230,10 +231,11 @@ class ShowerFile:
         """All incident energies (MeV) and angles (rad): small, read once and kept."""
         if self._conditions is None:
             f = self._file()
-            with h5_errors(self.path):
+            with h5_errors(self.path), np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
                 cond = {k: f[k][:].astype(np.float32) for k in CONDITION_KEYS}
             if self.check:
-                check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
+                with _wide_float_hint(f, CONDITION_KEYS):
+                    check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
             self._conditions = cond
         return self._conditions
 
@@ -263,7 +265,7 @@ class ShowerFile:
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         pos = 0
         f = self._file()
-        with h5_errors(self.path):
+        with h5_errors(self.path), np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
             if self._showers is None:  # one dataset handle: its chunk cache lives as long as the handle
                 self._showers = f[SHOWERS]
             for run in np.split(uniq, breaks):
@@ -271,7 +273,8 @@ class ShowerFile:
                     showers[pos : pos + run.size] = self._showers[run[0] : run[-1] + 1]
                     pos += run.size
         if self.check:
-            check_values(self.path, showers=showers, rows=uniq)  # errors name the file row
+            with _wide_float_hint(f, (SHOWERS,)):
+                check_values(self.path, showers=showers, rows=uniq)  # errors name the file row
         out = np.empty((len(index), *MESH_SHAPE), dtype=np.float32)
         out[order] = showers[inverse]
         cond = self.conditions()
@@ -314,6 +317,19 @@ class ShowerFile:
         state = self.__dict__.copy()
         state["_h5"] = state["_showers"] = state["_pid"] = None
         return state
+
+
+@contextmanager
+def _wide_float_hint(f: h5py.File, keys):
+    """A NaN/Inf error on a float64 dataset may be a value beyond float32 (read as inf): say so."""
+    try:
+        yield
+    except ShowerFileError as err:
+        key = err.problem.split("'")[1] if err.problem.startswith("'") else None
+        if key in keys and "NaN/Inf" in err.problem and f[key].dtype.itemsize > 4:
+            raise ShowerFileError(err.path, err.problem.replace("NaN/Inf", "NaN/Inf or values beyond float32",
+                                                                1)) from None
+        raise
 
 
 def progress_disabled(progress: bool) -> bool | None:
