@@ -264,3 +264,31 @@ def file_geometry(path: str | Path, attrs: FileAttrs, geometry=None, geometry_di
         return None, f"no card for geometry '{attrs.geometry}' here: cell sizes not checked (see --geometry-dir)"
     check_geometry(path, attrs, geo)
     return geo, ""
+
+
+def check_file(f: h5py.File, path: Path, geometry=None, geometry_dirs=None):
+    """Every check of an open native file that needs no shower values, shared by every command:
+    keys, shapes, dtypes, lengths, N > 0, rows actually written, the mesh, and the geometry (asked for or
+    recorded) against its card. Returns ``(n, attrs, Geometry or None, note)``."""
+    with h5_errors(path):
+        n = check_structure(f, path)
+        check_complete(f, path, n)
+        attrs = FileAttrs.from_h5(f.attrs)
+    if tuple(attrs.mesh_shape) != MESH_SHAPE:
+        raise ShowerFileError(path, f"attribute mesh_shape = {list(attrs.mesh_shape)} but the "
+                                    f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
+    geo, note = file_geometry(path, attrs, geometry, geometry_dirs)
+    return n, attrs, geo, note
+
+
+@contextmanager
+def wide_float_hint(f: h5py.File, keys):
+    """A NaN/Inf error on a float64 dataset may be a value beyond float32 (read as inf): say so."""
+    try:
+        yield
+    except ShowerFileError as err:
+        key = err.problem.split("'")[1] if err.problem.startswith("'") else None
+        if key in keys and "NaN/Inf" in err.problem and f[key].dtype.itemsize > 4:
+            raise ShowerFileError(err.path, err.problem.replace("NaN/Inf", "NaN/Inf or values beyond float32",
+                                                                1)) from None
+        raise

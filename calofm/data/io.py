@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,12 @@ from calofm.data.format import (
     THETA,
     FileAttrs,
     ShowerFileError,
-    check_complete,
+    check_file,
     check_structure,
     check_values,
-    file_geometry,
     h5_errors,
     open_h5,
+    wide_float_hint,
 )
 from calofm.data.output import catch_interrupts, check_interrupted
 from calofm.geometry import MESH_SHAPE
@@ -234,7 +233,7 @@ class ShowerFile:
             with h5_errors(self.path), np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
                 cond = {k: f[k][:].astype(np.float32) for k in CONDITION_KEYS}
             if self.check:
-                with _wide_float_hint(f, CONDITION_KEYS):
+                with wide_float_hint(f, CONDITION_KEYS):
                     check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
             self._conditions = cond
         return self._conditions
@@ -273,7 +272,7 @@ class ShowerFile:
                     showers[pos : pos + run.size] = self._showers[run[0] : run[-1] + 1]
                     pos += run.size
         if self.check:
-            with _wide_float_hint(f, (SHOWERS,)):
+            with wide_float_hint(f, (SHOWERS,)):
                 check_values(self.path, showers=showers, rows=uniq)  # errors name the file row
         out = np.empty((len(index), *MESH_SHAPE), dtype=np.float32)
         out[order] = showers[inverse]
@@ -319,37 +318,9 @@ class ShowerFile:
         return state
 
 
-@contextmanager
-def _wide_float_hint(f: h5py.File, keys):
-    """A NaN/Inf error on a float64 dataset may be a value beyond float32 (read as inf): say so."""
-    try:
-        yield
-    except ShowerFileError as err:
-        key = err.problem.split("'")[1] if err.problem.startswith("'") else None
-        if key in keys and "NaN/Inf" in err.problem and f[key].dtype.itemsize > 4:
-            raise ShowerFileError(err.path, err.problem.replace("NaN/Inf", "NaN/Inf or values beyond float32",
-                                                                1)) from None
-        raise
-
-
 def progress_disabled(progress: bool) -> bool | None:
     """tqdm's ``disable``: a bar only when asked for and stderr is a terminal (no bar noise in logs or pipes)."""
     return None if progress else True
-
-
-def check_file(f: h5py.File, path: Path, geometry=None, geometry_dirs=None):
-    """Every check of an open native file that needs no shower values, shared by every command:
-    keys, shapes, dtypes, lengths, N > 0, rows actually written, the mesh, and the geometry (asked for or
-    recorded) against its card. Returns ``(n, attrs, Geometry or None, note)``."""
-    with h5_errors(path):
-        n = check_structure(f, path)
-        check_complete(f, path, n)
-        attrs = FileAttrs.from_h5(f.attrs)
-    if tuple(attrs.mesh_shape) != MESH_SHAPE:
-        raise ShowerFileError(path, f"attribute mesh_shape = {list(attrs.mesh_shape)} but the "
-                                    f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
-    geo, note = file_geometry(path, attrs, geometry, geometry_dirs)
-    return n, attrs, geo, note
 
 
 def write_showers(
