@@ -152,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_reporting_errors(prog: str, fn, traceback: bool = False) -> int:
     """Exit code of ``fn()``; bad input (ValueError, OSError, KeyError) is one line on stderr and exit 2,
-    Ctrl-C exit 130. ``traceback=True`` re-raises instead (``-vv``)."""
+    Ctrl-C exit 130 (also a Ctrl-C that h5py swallowed, see ``calofm.data.output``). ``traceback=True``
+    re-raises instead (``-vv``)."""
     try:
-        return int(fn() or 0)
+        from calofm.data.output import catch_interrupts  # here, not at import: `calofm --help` stays light
+
+        with catch_interrupts():
+            return int(fn() or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -15,10 +15,10 @@ separated) first, then the built-in cards. A user card with a built-in name wins
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -450,11 +450,12 @@ class Geometry:
 
 
 def builtin_dir() -> Path:
-    """The built-in cards: ``geometries/`` of a source checkout, else the installed data copy."""
-    here = Path(__file__).resolve().parent.parent / "geometries"
-    if here.is_dir():
-        return here
-    return Path(sys.prefix) / "share" / "calofm" / "geometries"
+    """The built-in cards: package data ``calofm/geometries`` (read with importlib.resources, so wheel, ``--user``
+    and editable installs all find them). In the repository it is a link to the top-level ``geometries/``."""
+    cards = importlib.resources.files("calofm") / "geometries"
+    if not isinstance(cards, Path):  # a zipped install: calofm reads its cards as files, it cannot run from a zip
+        raise GeometryError(f"the built-in geometry cards are not a folder on disk ({cards})")
+    return cards.resolve()
 
 
 def search_path(extra: list[str | Path] | None = None) -> list[Path]:

@@ -86,11 +86,13 @@ def test_ds2_flat_index_of_a_single_cell(cell):
 def test_ds2_export_writes_the_cell_at_the_calochallenge_index(tmp_path, cell):
     r, phi, z = cell
     src = tmp_path / "one.h5"
-    write_showers(src, single_cell(r, phi, z), [5000.0], [0.0], [1.5], attrs=FileAttrs(energy_scale="deposited"))
+    write_showers(src, single_cell(r, phi, z), [5000.0], [0.0], [1.5],
+                  attrs=FileAttrs(geometry="par04_siw", energy_scale="deposited"))
     out = native_to_calochallenge(src, tmp_path / "one_cc.hdf5", progress=False)
     with h5py.File(out, "r") as f:
         assert np.flatnonzero(f["showers"][0]).tolist() == [z * 144 + phi * 9 + r]
         assert f["showers"][0, z * 144 + phi * 9 + r] == 7.0 and f["incident_energies"][:].tolist() == [[5000.0]]
+        assert f["incident_energies"].dtype == np.float64  # as the official files; evaluate.py needs it
 
 
 @settings(max_examples=30, deadline=None)
@@ -178,10 +180,10 @@ def test_import_reads_challenge_style_files(tmp_path, caplog):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(0, 5), seed=st.integers(0, 100))
+@given(n=st.integers(1, 5), seed=st.integers(0, 100))
 def test_ds3_export_and_import_conserve_energy_per_layer_and_ring(tmp_path, n, seed):
     src, data = native_file(tmp_path / f"d3_{n}_{seed}.h5", n=n, data_seed=seed, energy_scale="deposited")
-    cc = native_to_calochallenge(src, tmp_path / f"d3_{n}_{seed}.hdf5", dataset=3, progress=False)
+    cc = native_to_calochallenge(src, tmp_path / f"d3_{n}_{seed}.hdf5", dataset=3, progress=False, overwrite=True)
     with h5py.File(cc, "r") as f:
         assert f["showers"].shape == (n, 40500)
         fine = from_calochallenge_order(f["showers"][:], 18, 50, 45)
@@ -190,7 +192,8 @@ def test_ds3_export_and_import_conserve_energy_per_layer_and_ring(tmp_path, n, s
     np.testing.assert_allclose(fine_ring_layer[:, 0::2] + fine_ring_layer[:, 1::2], native_ring_layer, rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(fine_ring_layer[:, 0::2], fine_ring_layer[:, 1::2], rtol=1e-6)  # rings split evenly
-    back = read_showers(calochallenge_to_native(cc, tmp_path / f"d3_{n}_{seed}_back.h5", progress=False))
+    back = read_showers(calochallenge_to_native(cc, tmp_path / f"d3_{n}_{seed}_back.h5", progress=False,
+                                                overwrite=True))
     np.testing.assert_allclose(back["showers"].sum(axis=2), native_ring_layer, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(back["showers"].sum(axis=(1, 2)), data["showers"].sum(axis=(1, 2)), rtol=1e-5,
                                atol=1e-5)
@@ -262,14 +265,11 @@ def test_load_parquet_dataset_gives_fixed_length_rows_in_native_order(tmp_path):
     np.testing.assert_array_equal(np.asarray(first["showers"], np.float32), data["showers"][0].reshape(-1))
 
 
-def test_empty_files_convert_both_ways(tmp_path):
+def test_files_without_showers_are_refused(tmp_path):
     src, _ = native_file(tmp_path / "empty.h5", n=0)
-    for dataset in (2, 3):
-        cc = native_to_calochallenge(src, tmp_path / f"empty{dataset}.hdf5", dataset=dataset, progress=False)
-        back = calochallenge_to_native(cc, tmp_path / f"e{dataset}.h5", progress=False)
-        assert len(read_showers(back)["showers"]) == 0
-    out = native_to_parquet(src, tmp_path / "empty_pq", progress=False)
-    assert len(read_showers(parquet_to_native(out, tmp_path / "e_pq.h5", progress=False))["showers"]) == 0
+    for export in (native_to_calochallenge, native_to_parquet):
+        with pytest.raises(ShowerFileError, match="holds no showers"):
+            export(src, tmp_path / "out", progress=False)
 
 
 def test_plain_parquet_tables_from_other_tools_load(tmp_path):
@@ -307,7 +307,8 @@ def test_convert_dispatch_leaves_no_intermediate_files(tmp_path):
     cc2 = convert(out, tmp_path / "cc2.hdf5", "calochallenge", progress=False)
     with h5py.File(cc, "r") as a, h5py.File(cc2, "r") as b:
         np.testing.assert_array_equal(a["showers"][:], b["showers"][:])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cc.hdf5", "cc2.hdf5", "from_cc_pq", "n.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cc.hdf5", "cc2.hdf5", "cc2_binning.xml", "cc_binning.xml",
+                                                          "from_cc_pq", "n.h5"]
     with pytest.raises(ValueError, match="is already in the calofm format"):
         convert(src, tmp_path / "same.h5", "calofm", progress=False)
     with pytest.raises(ValueError, match="--to must be calofm, calochallenge or parquet"):
@@ -318,7 +319,7 @@ def test_cli_convert_end_to_end(tmp_path, capsys):
     src, data = native_file(tmp_path / "sim.h5", n=5, data_seed=8, energy_scale="visible", particle="gamma")
     cc, back, pq_dir, again = (tmp_path / n for n in ("sim_cc.hdf5", "back.h5", "sim_pq", "again.h5"))
     assert main(["convert", str(src), str(cc), "--to", "calochallenge", "--scale", "2"]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {cc}"
+    assert capsys.readouterr().out.strip() == f"wrote {cc} and {tmp_path / 'sim_cc_binning.xml'}"
     assert main(["convert", str(cc), str(back), "--to", "calofm", "--geometry", "par04_siw"]) == 0
     np.testing.assert_array_equal(read_showers(back)["showers"], data["showers"] * np.float32(2))
     assert main(["convert", str(src), str(pq_dir), "--to", "parquet"]) == 0
@@ -347,3 +348,46 @@ def test_cli_convert_errors_are_one_line_exit_2(tmp_path, capsys):
         main(["convert", str(src), str(tmp_path / "o"), "--to", "root"])
     assert exit_info.value.code == 2
     assert "argument --to: invalid choice: 'root'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# What CaloChallenge's evaluate.py needs: float64 energies and the binning XML of the file's geometry
+# ----------------------------------------------------------------------------------------------
+
+# a <Layer> of the official code/binning_dataset_2.xml (CaloChallenge/homepage), the DS2 = Par04 Si-W mesh
+DS2_LAYER = '<Layer id="17" r_edges="0,4.65,9.3,13.95,18.6,23.25,27.9,32.55,37.2,41.85" n_bin_alpha="16" />'
+
+
+def read_binning(path) -> tuple[list[list[float]], list[int]]:
+    """r_edges and n_bin_alpha per layer, read as CaloChallenge's XMLHandler reads them."""
+    import xml.etree.ElementTree as ET
+
+    (particle,) = [p for p in ET.parse(path).getroot() if p.attrib["name"] == "electron"]
+    return ([[float(v) for v in layer.attrib["r_edges"].split(",")] for layer in particle],
+            [int(layer.attrib["n_bin_alpha"]) for layer in particle])
+
+
+@pytest.mark.parametrize(("geometry", "dataset"), [("par04_siw", 2), ("odd", 2), ("allegro", 3)])
+def test_every_export_writes_the_binning_xml_of_its_geometry(tmp_path, geometry, dataset):
+    src, _ = native_file(tmp_path / "n.h5", n=2, geometry=geometry, energy_scale="deposited")
+    out = native_to_calochallenge(src, tmp_path / "n_cc.hdf5", dataset=dataset, progress=False)
+    xml = tmp_path / "n_cc_binning.xml"
+    edges, alphas = read_binning(xml)
+    dr = load_geometry(geometry).mesh.dr
+    n_r = 9 if dataset == 2 else 18
+    assert len(edges) == 45 and set(alphas) == {16 if dataset == 2 else 50}
+    assert sum((len(e) - 1) * a for e, a in zip(edges, alphas)) == (6480 if dataset == 2 else 40500)  # = voxels
+    np.testing.assert_allclose(edges[0], np.arange(n_r + 1) * dr * 9 / n_r, rtol=1e-6)
+    if geometry == "par04_siw":
+        assert DS2_LAYER in xml.read_text()  # the official file, line for line
+    with h5py.File(out, "r") as f:
+        assert f["incident_energies"].dtype == np.float64 and f["showers"].dtype == np.float32
+
+
+def test_export_of_a_file_without_geometry_or_cell_size_asks_for_one(tmp_path):
+    src, _ = native_file(tmp_path / "plain.h5", n=2, geometry=None)
+    with pytest.raises(ShowerFileError, match="records neither a geometry nor a cell size.*pass --geometry"):
+        native_to_calochallenge(src, tmp_path / "x.hdf5", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.h5"]
+    native_to_calochallenge(src, tmp_path / "x.hdf5", geometry="cld", progress=False)
+    assert read_binning(tmp_path / "x_binning.xml")[0][0][1] == pytest.approx(load_geometry("cld").mesh.dr)

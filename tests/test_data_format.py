@@ -85,7 +85,7 @@ _extra_values = st.integers(-2**62, 2**62) | st.floats(allow_nan=False) | _text 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    geometry=st.none() | st.sampled_from(["par04_siw", "odd", "my_detector"]),
+    geometry=st.none() | st.sampled_from(["my_detector", "lab_prototype"]),  # no card: any mesh is accepted
     particle=st.none() | st.sampled_from(["gamma", "e-", "pi+"]),
     energy_scale=st.sampled_from(ENERGY_SCALES),
     mesh=st.none() | st.tuples(st.floats(0.1, 100), st.floats(0.1, 100)),
@@ -108,11 +108,15 @@ def test_attributes_round_trip(tmp_path, geometry, particle, energy_scale, mesh,
     assert all(type(got.extra[k]) is type(v) for k, v in extra.items())
 
 
-def test_expected_rows_is_kept_as_an_extra_attribute(tmp_path):
-    with ShowerWriter(tmp_path / "x.h5", attrs=FileAttrs(geometry="odd"), expected_rows=10):
-        pass
+def test_expected_rows_is_kept_as_an_extra_attribute_and_checked(tmp_path):
+    data = random_showers(3)
+    for name, expected in (("x.h5", 3), ("short.h5", 10)):
+        with ShowerWriter(tmp_path / name, attrs=FileAttrs(geometry="odd"), expected_rows=expected) as w:
+            w.append(*(data[k] for k in KEYS))
     with ShowerFile(tmp_path / "x.h5") as f:
-        assert f.attrs.extra == {"calofm_expected_rows": 10} and len(f) == 0
+        assert f.attrs.extra == {"calofm_expected_rows": 3} and len(f) == 3
+    msg = one_line_error(lambda: ShowerFile(tmp_path / "short.h5"), tmp_path / "short.h5")
+    assert msg.endswith("records 10 expected rows but holds 3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,3 +255,79 @@ def test_corrupted_bytes_never_escape_as_anything_but_a_named_error(tmp_path, go
     else:  # damage in unused bytes, or in values that stay valid
         assert summary["showers"] == 80 and math.isfinite(summary["E_sum/E_inc"])
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows named as in the file; rows never written; the recorded geometry against its card
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_values_are_named_by_their_file_row_whatever_the_read(tmp_path):
+    data = {"showers": np.zeros((2100, 9, 16, 45), np.float32), **{k: v for k, v in random_showers(2100).items()
+                                                                     if k != "showers"}}
+    data["showers"][2090, 4, 4, 4] = np.nan  # in the second 2048-row chunk that validate reads
+    data["showers"][7, 0, 0, 0] = -1.0
+    path = raw_file(tmp_path / "late_nan.h5", data, compression="lzf")
+    with ShowerFile(path) as f:
+        assert one_line_error(lambda: f.read([2099, 2090, 3]), path).endswith("NaN/Inf (first in shower 2090)")
+        assert one_line_error(lambda: f.read(slice(5, 9)), path).endswith("negative energies (first in shower 7)")
+    data["showers"][7, 0, 0, 0] = 0.0
+    path = raw_file(tmp_path / "late_nan.h5", data, compression="lzf")
+    assert one_line_error(lambda: validate_file(path), path).endswith("(first in shower 2090)")
+
+
+def test_rows_that_were_never_written_are_refused(tmp_path):
+    claim = tmp_path / "claim.h5"  # 200k rows declared, 64 written: the rest read as fill values
+    with h5py.File(claim, "w") as f:
+        s = f.create_dataset("showers", (200_000, 9, 16, 45), "f4", chunks=(64, 9, 16, 45), compression="gzip")
+        s[:64] = random_showers(64)["showers"]
+        for key, fill in (("incident_energy", 1e4), ("incident_phi", 0.0), ("incident_theta", 1.5)):
+            f.create_dataset(key, (200_000,), "f4", fillvalue=fill, chunks=(4096,))
+            f[key][:] = fill
+    msg = one_line_error(lambda: validate_file(claim), claim)
+    assert msg.endswith("'showers' claims 200000 rows but only 1 of its 3125 HDF5 chunks were ever written "
+                        "(the rest read as fill values)")
+    unwritten = tmp_path / "contiguous.h5"
+    with h5py.File(unwritten, "w") as f:
+        f.create_dataset("showers", data=random_showers(3)["showers"])
+        f.create_dataset("incident_energy", (3,), "f4")  # created, never written
+        f.create_dataset("incident_phi", data=np.zeros(3, "f4"))
+        f.create_dataset("incident_theta", data=np.ones(3, "f4"))
+    assert one_line_error(lambda: ShowerFile(unwritten), unwritten).endswith(
+        "'incident_energy' claims 3 rows but was never written (it reads as fill values)")
+    partial = tmp_path / "renamed.h5"  # the .partial file of an interrupted write, renamed by hand
+    writer = ShowerWriter(partial, attrs=FileAttrs(geometry="odd"))
+    writer.append(*(random_showers(2)[k] for k in KEYS))
+    writer.abort()
+    (tmp_path / "renamed.h5.partial").rename(partial)
+    assert one_line_error(lambda: ShowerFile(partial), partial).endswith(
+        "is an unfinished file from an interrupted write (2 of 2 rows committed)")
+
+
+def test_a_recorded_geometry_is_checked_against_its_card_on_every_open(tmp_path, tmp_showers):
+    odd_mesh = tmp_showers(2, geometry="par04_siw", mesh_dr=7.0, name="siw_7mm.h5")
+    for read in (ShowerFile, read_showers, validate_file):  # no geometry asked for: the recorded one's card
+        assert one_line_error(lambda r=read: r(odd_mesh), odd_mesh).endswith(
+            "mesh mismatch: file has dr = 7.0 mm, geometry 'par04_siw' has 4.65 mm")
+    with ShowerFile(tmp_showers(2, geometry="par04_siw", mesh_dr=4.65, name="ok.h5")) as f:
+        assert f.geometry.name == "par04_siw" and f.note == ""
+    with ShowerFile(tmp_showers(2, geometry="my_detector", mesh_dr=3.0, name="custom.h5")) as f:
+        assert f.geometry is None and "no card for geometry 'my_detector'" in f.note
+
+
+def test_output_errors_name_the_output_not_a_corrupt_file(tmp_path, monkeypatch):
+    from calofm.data.format import open_h5
+
+    missing = tmp_path / "no_such_folder" / "out.h5"
+    assert one_line_error(lambda: open_h5(missing, "w"), missing).endswith(
+        f"cannot create the file: folder {missing.parent} does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def refuse(path, mode, **kwargs):  # what h5py raises in a folder without write permission
+        raise OSError(13, "Unable to synchronously create file (unable to open file: name = '...', errno = 13)")
+
+    monkeypatch.setattr(h5py, "File", refuse)
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    msg = one_line_error(lambda: open_h5(locked / "out.h5", "w"), locked / "out.h5")
+    assert msg.endswith("cannot create the file (permission denied)") and "corrupt" not in msg

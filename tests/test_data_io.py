@@ -43,14 +43,14 @@ def h5_contents(path) -> dict:
 
 @FAST
 @given(
-    n=st.integers(0, 2 * CHUNK_ROWS + 3) | st.sampled_from([0, 1, CHUNK_ROWS]),
+    n=st.integers(1, 2 * CHUNK_ROWS + 3) | st.sampled_from([1, CHUNK_ROWS]),
     seed=st.integers(0, 2**32 - 1),
     special=st.lists(st.floats(0, np.finfo(np.float32).max, width=32), max_size=5),
     compression=st.sampled_from([None, "gzip", "lzf"]),
 )
 def test_write_read_round_trip_is_exact(tmp_path, n, seed, special, compression):
     data = random_showers(n, seed)
-    if n:  # extreme but valid values: 0, subnormals, float32 max
+    if special:  # extreme but valid values: 0, subnormals, float32 max
         flat = data["showers"].reshape(-1)
         flat[np.random.default_rng(seed).integers(0, flat.size, len(special))] = special
     path = write_showers(tmp_path / "rt.h5", *columns(data), attrs=FileAttrs(geometry="odd"), compression=compression)
@@ -60,7 +60,7 @@ def test_write_read_round_trip_is_exact(tmp_path, n, seed, special, compression)
 
 
 @FAST
-@given(sizes=st.lists(st.integers(0, 40), max_size=6), seed=st.integers(0, 1000))
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6).filter(any), seed=st.integers(0, 1000))
 def test_appending_chunks_equals_one_write(tmp_path, sizes, seed):
     data = random_showers(sum(sizes), seed)
     with ShowerWriter(tmp_path / "chunks.h5", compression=None) as w:
@@ -234,9 +234,9 @@ def test_resume_with_different_settings_starts_over(tmp_path, caplog, change):
     assert w.n_written == 0 and "starting again" in caplog.text
     w.append(*columns(data, slice(10, 20)))
     w.close()
-    with ShowerFile(out) as f:
-        assert len(f) == 10
-        got = f.attrs
+    with h5py.File(out, "r") as f:  # plain h5py: {"geometry": "odd"} contradicts the mesh, which ShowerFile refuses
+        assert f["showers"].shape[0] == 10
+        got = FileAttrs.from_h5(f.attrs)
     got.format_version = None
     assert got == new
 
@@ -307,7 +307,8 @@ def test_validate_file_summary_numbers(tmp_path):
     assert s["max_cell_MeV"] == 25.0
 
 
-def test_validate_empty_file(tmp_path, tmp_showers):
-    s = validate_file(tmp_showers(0, geometry=None))
-    assert s["showers"] == 0 and s["geometry"] == "(not recorded)" and s["hits_per_shower"] == 0.0
-    assert np.isnan(s["E_sum/E_inc"])
+def test_a_file_without_showers_is_refused(tmp_path, tmp_showers):
+    empty = tmp_showers(0, geometry=None)  # the writer makes it; no reader takes it
+    for read in (validate_file, read_showers, ShowerFile):
+        with pytest.raises(ShowerFileError, match=rf"^{empty}: holds no showers \(N = 0\)$"):
+            read(empty)

@@ -118,6 +118,34 @@ def test_loader_yields_the_sampler_batches(dataset):
             assert torch.equal(got[key], expected[key])
 
 
+def test_forked_workers_read_the_same_rows_as_the_main_process(three_files):
+    paths, _ = three_files
+    ds = ShowerDataset([(paths[0], "par04_siw"), (paths[1], "odd"), (paths[2], "cld")])
+    sampler = StepBatchSampler(ds.sizes, batch_size=6, steps=6, seed=2, run=2)
+    ds.__getitems__([0, 5, 12])  # the parent has read through its handles before the workers fork
+    serial = list(make_loader(ds, sampler, num_workers=0))
+    forked = list(make_loader(ds, sampler, num_workers=2))
+    assert len(forked) == len(serial) == 6
+    for a, b in zip(serial, forked):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_a_reader_opens_its_own_handle_in_a_new_process(three_files, monkeypatch):
+    import calofm.data.io as io
+
+    paths, truth = three_files
+    f = io.ShowerFile(paths[1])
+    parent = f._file()
+    monkeypatch.setattr(io.os, "getpid", lambda: -12345)  # as in a forked DataLoader worker
+    np.testing.assert_array_equal(f.read([3, 1])["showers"], truth[1]["showers"][[3, 1]])
+    assert f._file() is not parent and parent.id.valid  # the parent's handle is neither used nor closed
+    f.close()
+    assert parent.id.valid  # a child does not close what its parent opened
+    monkeypatch.undo()
+    parent.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # StepBatchSampler
 # ----------------------------------------------------------------------------------------------

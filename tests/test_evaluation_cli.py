@@ -26,6 +26,8 @@ def files(tmp_path_factory, siw):
     allegro = load_geometry("allegro")
     return {"ref": write_sample(d / "ref.h5", siw, cond, 20), "gen": write_sample(d / "gen.h5", siw, cond, 21),
             "bad": write_sample(d / "bad.h5", siw, bad, 22),
+            "small": write_sample(d / "small.h5", siw, conditions(siw, 200, seed=5, energy_gev=(1.0, 1000.0)), 24),
+            "low": write_sample(d / "low.h5", siw, conditions(siw, 300, seed=6, energy_gev=(1.0, 10.0)), 25),
             "allegro": write_sample(d / "allegro.h5", allegro, conditions(allegro, 300, 4), 23)}
 
 
@@ -36,6 +38,7 @@ def test_cli_evaluate_writes_metrics_plots_and_report(files, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     entry = metrics["geometries"]["par04_siw"]
+    assert entry["pairing"] == "paired" and "conditions" not in entry  # generated with the reference's conditions
     assert entry["threshold_MeV"] == pytest.approx(5e-4)
     assert entry["noise_floor"]["n_reference"] == 150
     assert "kpd" in entry["noise_floor"] and "fpd" not in entry
@@ -51,12 +54,42 @@ def test_cli_evaluate_writes_metrics_plots_and_report(files, tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
 
 
-def test_cli_evaluate_rejects_other_conditions(files, tmp_path, capsys):
-    rc = main(["evaluate", "-r", files["ref"], "-g", files["bad"], "-o", str(tmp_path / "x"), "--metrics", "hist"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    errors = [line for line in err.splitlines() if "error" in line]  # (stderr also carries progress bars)
-    assert len(errors) == 1 and "calofm generate --like" in errors[0]
+def test_cli_evaluate_paired_mode_rejects_other_conditions(files, tmp_path, capsys):
+    rc = main(["evaluate", "-r", files["ref"], "-g", files["bad"], "-o", str(tmp_path / "x"), "--metrics", "hist",
+               "--pairing", "paired"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "calofm generate --like" in err[0] and err[0].startswith(
+        f"calofm evaluate: error: {files['bad']}: incident_energy differs from {files['ref']} at row 0")
+    assert not (tmp_path / "x").exists()  # checked before the report folder exists
+
+
+def test_cli_evaluate_compares_independent_samples_unpaired(files, tmp_path, capsys, caplog):
+    out = tmp_path / "unpaired"
+    rc = main(["evaluate", "-r", files["ref"], "-g", files["small"], "-o", str(out), "--metrics", "hist,cls-high",
+               "--epochs", "1", "--no-plots", "--no-noise-floor"])
+    assert rc == 0, capsys.readouterr().err
+    entry = json.loads((out / "metrics.json").read_text())["geometries"]["par04_siw"]
+    assert entry["pairing"] == "unpaired" and (entry["n_reference"], entry["n_generated"]) == (300, 200)
+    assert entry["classifier_showers"] == 200 and 0.3 < entry["cls-high"]["auc"] < 0.7  # one distribution
+    assert entry["conditions"]["differ"] == [] and entry["conditions"]["incident_energy"]["ks_p_value"] > 1e-3
+    assert "has different condition distributions" not in caplog.text
+    assert "Unpaired: two independent samples" in (out / "report.md").read_text()
+    assert "par04_siw: " in capsys.readouterr().out
+    rc = main(["evaluate", "-r", files["ref"], "-g", files["low"], "-o", str(tmp_path / "low"), "--metrics", "hist",
+               "--no-plots", "--no-noise-floor"])
+    assert rc == 0
+    entry = json.loads((tmp_path / "low" / "metrics.json").read_text())["geometries"]["par04_siw"]
+    assert entry["conditions"]["differ"] == ["incident_energy"]  # 1-10 GeV against 1-1000 GeV
+    assert entry["conditions"]["incident_energy"]["mean_generated"] < entry["conditions"]["incident_energy"][
+        "mean_reference"] / 10
+    assert "different condition distributions: incident_energy (KS p = " in caplog.text
+    assert "**Warning:** the condition distributions differ" in (tmp_path / "low" / "report.md").read_text()
+    assert "conditions differ: incident_energy" in capsys.readouterr().out
+    rc = main(["evaluate", "-r", files["ref"], "-g", files["gen"], "-o", str(tmp_path / "p"), "--metrics", "hist",
+               "--no-plots", "--no-noise-floor", "--pairing", "unpaired"])  # forced: even matching conditions
+    assert rc == 0
+    entry = json.loads((tmp_path / "p" / "metrics.json").read_text())["geometries"]["par04_siw"]
+    assert entry["pairing"] == "unpaired" and entry["conditions"]["incident_energy"]["ks_statistic"] == 0.0
 
 
 def test_cli_compare_geometries(files, tmp_path, capsys):

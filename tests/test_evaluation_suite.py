@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 from eval_helpers import conditions, synthetic_showers
 
 from calofm.evaluation import suite
 from calofm.evaluation.classifier import ClassifierConfig
+from calofm.evaluation.conditions import compare_conditions, pairing_of
 from calofm.evaluation.features import apply_threshold, high_level_vector, shower_features
 from calofm.evaluation.fpd import fpd
 from calofm.evaluation.suite import EvalOptions, check_conditions, compare_samples, evaluate_pair
@@ -86,7 +88,7 @@ def test_fpd_noise_floor_from_reference_halves(samples, siw, monkeypatch):
     distributions scales as 1/n_ref + 1/n_gen: halves of N give 4/N, N vs N gives 2/N, so an independent
     same-distribution sample lands at about half the floor, not below it by orders of magnitude nor above it.
     """
-    monkeypatch.setattr(suite, "load_sample", lambda path, geometry, max_showers, progress=False:
+    monkeypatch.setattr(suite, "load_sample", lambda path, geometry, max_showers, progress=False, **kw:
                         (samples[path], "par04_siw"))
     monkeypatch.setattr(suite, "fpd", functools.partial(fpd, num_batches=5, num_points=4))  # 20 instead of 200
     opts = EvalOptions(metrics=("fpd",), fpd_samples=(200, 400), progress=False)
@@ -99,10 +101,46 @@ def test_fpd_noise_floor_from_reference_halves(samples, siw, monkeypatch):
     assert hole > 4 * noise  # ~6-8 x
 
 
-def test_conditions_must_match(samples):
+def test_pairing_follows_the_conditions(samples):
     other = dict(samples["same"])
     other["incident_energy"] = other["incident_energy"].copy()
     other["incident_energy"][5] *= 1.01
     with pytest.raises(ValueError, match="calofm generate --like"):
         check_conditions(samples["ref"], other)
     check_conditions(samples["ref"], samples["same"])
+    assert pairing_of(samples["ref"], samples["same"]) == "paired"
+    assert pairing_of(samples["ref"], other) == "unpaired"  # auto: one row differs, so the samples are independent
+    assert pairing_of(samples["ref"], samples["same"], "unpaired") == "unpaired"
+    with pytest.raises(ValueError, match="differs from reference at row 5"):
+        pairing_of(samples["ref"], other, "paired")
+    short = {k: v[:100] for k, v in samples["same"].items()}
+    assert pairing_of(samples["ref"], short) == "unpaired"
+
+
+def test_condition_distributions_are_compared():
+    rng = np.random.default_rng(0)
+
+    def sample(n, lo, hi):
+        return {"incident_energy": np.exp(rng.uniform(np.log(lo), np.log(hi), n)),
+                "incident_phi": rng.uniform(-3.14, 3.14, n), "incident_theta": np.full(n, 1.5708)}
+
+    a, b, c = sample(2000, 1e3, 1e6), sample(1500, 1e3, 1e6), sample(1500, 1e3, 1e4)
+    same = compare_conditions(a, b)
+    assert same["differ"] == [] and same["incident_energy"]["separation_power"] < 0.02
+    assert same["incident_theta"] == pytest.approx({"unit": "rad", "mean_reference": 1.5708, "mean_generated": 1.5708,
+                                                    "std_reference": 0.0, "std_generated": 0.0, "separation_power": 0.0,
+                                                    "ks_statistic": 0.0, "ks_p_value": 1.0})
+    low = compare_conditions(a, c)  # only the bottom third of the log spectrum
+    assert low["differ"] == ["incident_energy"] and low["incident_energy"]["ks_statistic"] == pytest.approx(2 / 3,
+                                                                                                          abs=0.04)
+    assert low["incident_energy"]["separation_power"] > 0.3
+
+
+def test_options_are_range_checked():
+    for bad in ({"threshold": float("nan")}, {"threshold": -1.0}, {"fpd_samples": (0, 0)}, {"fpd_samples": (50, 10)},
+                {"fpd_samples": (2.5, 10)}, {"kpd_batch": 1}, {"max_showers": 0}, {"seed": -1},
+                {"pairing": "maybe"}, {"min_range_showers": 0}):
+        with pytest.raises(ValueError):
+            EvalOptions(**bad)
+    with pytest.raises(ValueError, match="FPD needs batch sizes 2 <= min <= max"):
+        fpd(np.zeros((5, 2)), np.zeros((5, 2)), 0, 0)

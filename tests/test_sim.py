@@ -2,6 +2,7 @@
 
 import math
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -177,8 +178,8 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         simulate_to_file(out, "par04_scipb", 2100, **low)
     assert not out.exists()
-    with ShowerFile(out.with_name(out.name + ".partial"), check=False) as f:
-        assert len(f) == 2 * CHUNK
+    with h5py.File(out.with_name(out.name + ".partial"), "r") as f:  # readers refuse an unfinished file
+        assert f["showers"].shape[0] == f.attrs["calofm_rows_committed"] == 2 * CHUNK
     monkeypatch.setattr(Run, "chunk", original)
     simulate_to_file(out, "par04_scipb", 2100, **low)
     a, b = read_showers(reference), read_showers(out)

@@ -14,6 +14,7 @@ from the user. Every check here raises ``ShowerFileError`` with one line naming 
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,8 @@ def h5_errors(path: str | Path, what: str = "read"):
     """Turn h5py's low-level errors on damaged files into a one-line ``ShowerFileError`` naming the file.
 
     Corrupt metadata surfaces as OSError, KeyError, RuntimeError or ValueError from deep inside
-    h5py, none of which names the file (and the CLI does not catch RuntimeError).
+    h5py, none of which names the file (and the CLI does not catch RuntimeError). A failed write
+    (disk full, permissions) is said as such, not blamed on a corrupt file.
     """
     try:
         yield
@@ -108,23 +110,31 @@ def h5_errors(path: str | Path, what: str = "read"):
         raise
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if what == "write":
+            raise ShowerFileError(path, f"write failed ({msg})") from None
         raise ShowerFileError(path, f"{what} failed, file truncated or corrupt? ({msg})") from None
 
 
 def open_h5(path: str | Path, mode: str = "r", **kwargs) -> h5py.File:
     """Open an HDF5 file, turning OS/HDF5 errors into one-line ``ShowerFileError``s."""
     path = Path(path)
-    if "r" in mode and "+" not in mode or mode == "r+":
+    reading = mode in ("r", "r+")
+    if reading:
         if not path.exists():
             raise ShowerFileError(path, "file not found")
         if path.is_dir():
             raise ShowerFileError(path, "is a directory, not an HDF5 file")
         if not h5py.is_hdf5(path):
             raise ShowerFileError(path, "not an HDF5 file (or truncated before its header)")
+    elif not path.parent.is_dir():
+        raise ShowerFileError(path, f"cannot create the file: folder {path.parent} does not exist")
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as err:
         msg = str(err).split("\n")[0]
+        if not reading:
+            reason = "permission denied" if not os.access(path.parent, os.W_OK) else msg
+            raise ShowerFileError(path, f"cannot create the file ({reason})") from None
         raise ShowerFileError(path, f"cannot open HDF5 file, truncated or corrupt? ({msg})") from None
 
 
@@ -156,6 +166,34 @@ def check_structure(f: h5py.File, path: str | Path) -> int:
     return n
 
 
+def check_complete(f: h5py.File, path: str | Path, n: int) -> None:
+    """A file must hold showers, and every row it claims must have been written.
+
+    Rows that were never written read as HDF5 fill values (zeros) and would pass every value check:
+    a dataset resized or created with a length but not filled, or a ``.partial`` file of an
+    interrupted write renamed by hand.
+    """
+    if n == 0:
+        raise ShowerFileError(path, "holds no showers (N = 0)")
+    if "calofm_rows_committed" in f.attrs:
+        raise ShowerFileError(path, f"is an unfinished file from an interrupted write "
+                                    f"({int(f.attrs['calofm_rows_committed'])} of {n} rows committed)")
+    expected = f.attrs.get("calofm_expected_rows")
+    if expected is not None and int(expected) != n:
+        raise ShowerFileError(path, f"records {int(expected)} expected rows but holds {n}")
+    for key in REQUIRED_KEYS:
+        ds = f[key]
+        layout = ds.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.CHUNKED:
+            need = int(np.prod([-(-size // c) for size, c in zip(ds.shape, ds.chunks)]))
+            have = ds.id.get_num_chunks()
+            if have < need:
+                raise ShowerFileError(path, f"'{key}' claims {n} rows but only {have} of its {need} HDF5 chunks "
+                                            "were ever written (the rest read as fill values)")
+        elif layout == h5py.h5d.CONTIGUOUS and ds.id.get_storage_size() == 0:
+            raise ShowerFileError(path, f"'{key}' claims {n} rows but was never written (it reads as fill values)")
+
+
 def check_values(
     path: str | Path,
     showers: np.ndarray | None = None,
@@ -163,12 +201,14 @@ def check_values(
     phi: np.ndarray | None = None,
     theta: np.ndarray | None = None,
     offset: int = 0,
+    rows: np.ndarray | None = None,
 ) -> None:
-    """NaN/Inf, negative energies and angle ranges; ``offset`` makes row numbers file-global."""
+    """NaN/Inf, negative energies and angle ranges. Errors name the file row: ``rows[i]`` for array
+    position ``i`` when given (rows read in any order), else ``offset + i``."""
 
     def first_bad(mask: np.ndarray) -> int:
-        rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-        return offset + int(rows[0])
+        pos = int(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0])
+        return int(rows[pos]) if rows is not None else offset + pos
 
     if showers is not None:
         finite = np.isfinite(showers)
@@ -203,3 +243,52 @@ def check_geometry(path: str | Path, attrs: FileAttrs, geometry) -> None:
             raise ShowerFileError(
                 path, f"mesh mismatch: file has {name} = {value} mm, geometry '{geometry.name}' has {expected} mm"
             )
+
+
+def file_geometry(path: str | Path, attrs: FileAttrs, geometry=None, geometry_dirs=None):
+    """The geometry of a file, checked against its recorded name and cell sizes: ``(Geometry or None, note)``.
+
+    The one geometry check every command runs on a shower file. ``geometry`` (a name or ``Geometry``) is
+    what the user asked for; without it the recorded geometry's card (built in, ``geometry_dirs`` or
+    $CALOFM_GEOMETRY_DIR) is checked, and a recorded geometry without a card is said in ``note``.
+    """
+    from calofm.geometry import available_geometries, load_geometry
+
+    if geometry is not None:
+        geo = load_geometry(geometry, geometry_dirs)
+    elif attrs.geometry is None:
+        return None, ""
+    elif attrs.geometry in available_geometries(geometry_dirs):
+        geo = load_geometry(attrs.geometry, geometry_dirs)
+    else:
+        return None, f"no card for geometry '{attrs.geometry}' here: cell sizes not checked (see --geometry-dir)"
+    check_geometry(path, attrs, geo)
+    return geo, ""
+
+
+def check_file(f: h5py.File, path: Path, geometry=None, geometry_dirs=None):
+    """Every check of an open native file that needs no shower values, shared by every command:
+    keys, shapes, dtypes, lengths, N > 0, rows actually written, the mesh, and the geometry (asked for or
+    recorded) against its card. Returns ``(n, attrs, Geometry or None, note)``."""
+    with h5_errors(path):
+        n = check_structure(f, path)
+        check_complete(f, path, n)
+        attrs = FileAttrs.from_h5(f.attrs)
+    if tuple(attrs.mesh_shape) != MESH_SHAPE:
+        raise ShowerFileError(path, f"attribute mesh_shape = {list(attrs.mesh_shape)} but the "
+                                    f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
+    geo, note = file_geometry(path, attrs, geometry, geometry_dirs)
+    return n, attrs, geo, note
+
+
+@contextmanager
+def wide_float_hint(f: h5py.File, keys):
+    """A NaN/Inf error on a float64 dataset may be a value beyond float32 (read as inf): say so."""
+    try:
+        yield
+    except ShowerFileError as err:
+        key = err.problem.split("'")[1] if err.problem.startswith("'") else None
+        if key in keys and "NaN/Inf" in err.problem and f[key].dtype.itemsize > 4:
+            raise ShowerFileError(err.path, err.problem.replace("NaN/Inf", "NaN/Inf or values beyond float32",
+                                                                1)) from None
+        raise

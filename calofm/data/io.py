@@ -25,12 +25,14 @@ from calofm.data.format import (
     THETA,
     FileAttrs,
     ShowerFileError,
-    check_geometry,
+    check_file,
     check_structure,
     check_values,
     h5_errors,
     open_h5,
+    wide_float_hint,
 )
+from calofm.data.output import catch_interrupts, check_interrupted
 from calofm.geometry import MESH_SHAPE
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,11 @@ class ShowerWriter:
         self.attrs = attrs or FileAttrs()
         if self.path.exists() and not overwrite:
             raise ShowerFileError(self.path, "exists already (pass overwrite=True or choose another name)")
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ShowerFileError(self.path, f"cannot create its folder ({err.strerror or err})") from None
         self.n_written = 0
         self._file: h5py.File | None = None
         if resume and self.tmp.exists() and self._reopen():
@@ -144,15 +149,17 @@ class ShowerWriter:
             raise ShowerFileError(self.path, f"append: inconsistent chunk shapes {showers.shape}, "
                                              f"{[len(v) for v in cols.values()]}")
         check_values(self.path, showers, cols[ENERGY], cols[PHI], cols[THETA], offset=self.n_written)
+        check_interrupted()
         f, start = self._file, self.n_written
-        for key in (SHOWERS, *CONDITION_KEYS):
-            f[key].resize(start + n, axis=0)
-        f[SHOWERS][start:] = showers
-        for key, values in cols.items():
-            f[key][start:] = values
-        self.n_written = start + n
-        f.attrs[COMMITTED] = self.n_written
-        f.flush()
+        with h5_errors(self.tmp, "write"):
+            for key in (SHOWERS, *CONDITION_KEYS):
+                f[key].resize(start + n, axis=0)
+            f[SHOWERS][start:] = showers
+            for key, values in cols.items():
+                f[key][start:] = values
+            self.n_written = start + n
+            f.attrs[COMMITTED] = self.n_written
+            f.flush()
 
     def close(self) -> Path:
         """Finish the file and move it to its final name (atomic on one filesystem)."""
@@ -184,29 +191,37 @@ class ShowerWriter:
 class ShowerFile:
     """Lazy reader of one native shower file.
 
-    Nothing is loaded at open; ``read(idx)`` returns the rows of an index batch, sorted and
-    grouped into contiguous runs so each HDF5 chunk is decompressed once per batch. Values
-    are checked as they are read (NaN/Inf, negative energies), structure when opened.
+    Opening runs every check that needs no shower values (``check_file``); ``read(idx)`` returns the rows
+    of an index batch, sorted and grouped into contiguous runs so each HDF5 chunk is decompressed once per
+    batch, and checks the values it reads (NaN/Inf, negative energies), naming the file row.
+
+    The HDF5 handle belongs to the process that opened it: a forked DataLoader worker (or an unpickled
+    copy) opens its own on first use and never uses the parent's.
     """
 
-    def __init__(self, path: str | Path, geometry=None, check: bool = True, cache_mb: int = 64):
+    def __init__(self, path: str | Path, geometry=None, check: bool = True, cache_mb: int = 64,
+                 geometry_dirs: list[str | Path] | None = None):
         self.path = Path(path)
-        self._h5 = open_h5(self.path, "r", rdcc_nbytes=cache_mb * 2**20, rdcc_nslots=10007)
+        self.cache_mb = cache_mb
+        self._h5: h5py.File | None = None
+        self._showers: h5py.Dataset | None = None
+        self._pid: int | None = None
         try:
-            with h5_errors(self.path):
-                self.n = check_structure(self._h5, self.path)
-                self.attrs = FileAttrs.from_h5(self._h5.attrs)
-            if tuple(self.attrs.mesh_shape) != MESH_SHAPE:
-                raise ShowerFileError(self.path, f"attribute mesh_shape = {list(self.attrs.mesh_shape)} but the "
-                                                 f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
-            check_geometry(self.path, self.attrs, geometry)
-        except ShowerFileError:
-            self._h5.close()
+            self.n, self.attrs, self.geometry, self.note = check_file(self._file(), self.path, geometry,
+                                                                      geometry_dirs)
+        except BaseException:
+            self.close()
             raise
-        self.geometry_name = geometry.name if geometry is not None else self.attrs.geometry
+        self.geometry_name = self.geometry.name if self.geometry is not None else self.attrs.geometry
         self.check = check
         self._conditions: dict[str, np.ndarray] | None = None
-        self._showers: h5py.Dataset | None = None
+
+    def _file(self) -> h5py.File:
+        """This process's handle, opened on first use in each process."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = open_h5(self.path, "r", rdcc_nbytes=self.cache_mb * 2**20, rdcc_nslots=10007)
+            self._pid, self._showers = os.getpid(), None
+        return self._h5
 
     def __len__(self) -> int:
         return self.n
@@ -214,16 +229,19 @@ class ShowerFile:
     def conditions(self) -> dict[str, np.ndarray]:
         """All incident energies (MeV) and angles (rad): small, read once and kept."""
         if self._conditions is None:
-            with h5_errors(self.path):
-                cond = {k: self._h5[k][:].astype(np.float32) for k in CONDITION_KEYS}
+            f = self._file()
+            with h5_errors(self.path), np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
+                cond = {k: f[k][:].astype(np.float32) for k in CONDITION_KEYS}
             if self.check:
-                check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
+                with wide_float_hint(f, CONDITION_KEYS):
+                    check_values(self.path, energy=cond[ENERGY], phi=cond[PHI], theta=cond[THETA])
             self._conditions = cond
         return self._conditions
 
     def read(self, index: np.ndarray | slice | list[int]) -> dict[str, np.ndarray]:
         """Rows ``index`` (any order, repeats and negative rows allowed, or a boolean mask):
         showers (n, 9, 16, 45) and conditions (n,)."""
+        check_interrupted()
         if isinstance(index, slice):
             start, stop, step = index.indices(self.n)
             index = np.arange(start, stop, step)
@@ -245,28 +263,31 @@ class ShowerFile:
         # contiguous runs -> one slice read each (h5py fancy indexing is row by row)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         pos = 0
-        with h5_errors(self.path):
+        f = self._file()
+        with h5_errors(self.path), np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
             if self._showers is None:  # one dataset handle: its chunk cache lives as long as the handle
-                self._showers = self._h5[SHOWERS]
+                self._showers = f[SHOWERS]
             for run in np.split(uniq, breaks):
                 if run.size:
                     showers[pos : pos + run.size] = self._showers[run[0] : run[-1] + 1]
                     pos += run.size
+        if self.check:
+            with wide_float_hint(f, (SHOWERS,)):
+                check_values(self.path, showers=showers, rows=uniq)  # errors name the file row
         out = np.empty((len(index), *MESH_SHAPE), dtype=np.float32)
         out[order] = showers[inverse]
-        if self.check:
-            check_values(self.path, showers=out)
         cond = self.conditions()
         result = {SHOWERS: out}
         result.update({k: cond[k][index] for k in CONDITION_KEYS})
         return result
 
-    def iter_chunks(self, rows: int = 4096, progress: bool = False, desc: str | None = None):
-        """Yield (start, batch dict) over the whole file in order."""
-        bar = tqdm(total=self.n, unit="shower", disable=not progress, desc=desc or self.path.name)
+    def iter_chunks(self, rows: int = 4096, progress: bool = False, desc: str | None = None, limit: int | None = None):
+        """Yield (start, batch dict) over the whole file (or its first ``limit`` rows) in order."""
+        n = self.n if limit is None else max(min(limit, self.n), 0)
+        bar = tqdm(total=n, unit="shower", disable=progress_disabled(progress), desc=desc or self.path.name)
         try:
-            for start in range(0, self.n, rows):
-                batch = self.read(slice(start, min(start + rows, self.n)))
+            for start in range(0, n, rows):
+                batch = self.read(slice(start, min(start + rows, n)))
                 bar.update(len(batch[SHOWERS]))
                 yield start, batch
         except BaseException:
@@ -275,12 +296,15 @@ class ShowerFile:
         finally:
             bar.close()
 
-    def load(self) -> dict[str, np.ndarray]:
-        """Everything in memory (26 kB per shower)."""
-        return self.read(slice(0, self.n))
+    def load(self, limit: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+        """Everything in memory (26 kB per shower), or the first ``limit`` showers."""
+        parts = [batch for _, batch in self.iter_chunks(limit=limit, progress=progress)] or [self.read(slice(0, 0))]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def close(self) -> None:
-        self._h5.close()
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = self._showers = None
 
     def __enter__(self) -> ShowerFile:
         return self
@@ -288,14 +312,15 @@ class ShowerFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __getstate__(self):  # picklable for DataLoader workers: reopen lazily in the child
+    def __getstate__(self):  # picklable for DataLoader workers (spawn): the copy opens its own handle
         state = self.__dict__.copy()
-        state["_h5"] = state["_showers"] = None
+        state["_h5"] = state["_showers"] = state["_pid"] = None
         return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._h5 = open_h5(self.path, "r", rdcc_nbytes=64 * 2**20, rdcc_nslots=10007)
+
+def progress_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable``: a bar only when asked for and stderr is a terminal (no bar noise in logs or pipes)."""
+    return None if progress else True
 
 
 def write_showers(
@@ -315,27 +340,20 @@ def write_showers(
     return Path(path)
 
 
-def read_showers(path: str | Path, geometry=None) -> dict[str, np.ndarray]:
+def read_showers(path: str | Path, geometry=None, geometry_dirs: list[str | Path] | None = None
+                 ) -> dict[str, np.ndarray]:
     """Load a whole file into memory."""
-    with ShowerFile(path, geometry=geometry) as f:
+    with ShowerFile(path, geometry=geometry, geometry_dirs=geometry_dirs) as f:
         return f.load()
 
 
 def validate_file(path: str | Path, geometry=None, progress: bool = False,
                   geometry_dirs: list[str | Path] | None = None) -> dict[str, Any]:
-    """Full check of a file (structure, every value, geometry); returns a small summary.
+    """Full check of a file (``check_file``, then every value); returns a small summary.
 
     Without ``geometry``, a recorded geometry that has a card (built in, ``geometry_dirs`` or
     $CALOFM_GEOMETRY_DIR) is checked against it; one without a card is reported in ``note``."""
-    from calofm.geometry import available_geometries, load_geometry
-
-    note = ""
-    with ShowerFile(path, geometry=geometry) as f:
-        if geometry is None and f.attrs.geometry:
-            if f.attrs.geometry in available_geometries(geometry_dirs):
-                check_geometry(f.path, f.attrs, load_geometry(f.attrs.geometry, geometry_dirs))
-            else:
-                note = f"no card for geometry '{f.attrs.geometry}' here: cell sizes not checked (see --geometry-dir)"
+    with catch_interrupts(), ShowerFile(path, geometry=geometry, geometry_dirs=geometry_dirs) as f:
         cond = f.conditions()
         e_sum, n_hits, vmax = 0.0, 0, 0.0
         for _, batch in f.iter_chunks(rows=2048, progress=progress, desc=f"validate {Path(path).name}"):
@@ -344,17 +362,16 @@ def validate_file(path: str | Path, geometry=None, progress: bool = False,
             n_hits += int((s > 0).sum())
             vmax = max(vmax, float(s.max(initial=0.0)))
         energy = cond[ENERGY]
-        ratio = e_sum / float(energy.sum(dtype=np.float64)) if f.n else float("nan")
         return {
             "file": str(path),
             "showers": f.n,
             "geometry": f.geometry_name or "(not recorded)",
             "particle": f.attrs.particle or "(not recorded)",
             "energy_scale": f.attrs.energy_scale,
-            "E_inc_GeV": (float(energy.min()) / 1e3, float(energy.max()) / 1e3) if f.n else (0.0, 0.0),
-            "theta": (float(cond[THETA].min()), float(cond[THETA].max())) if f.n else (0.0, 0.0),
-            "E_sum/E_inc": ratio,
-            "hits_per_shower": n_hits / max(f.n, 1),
+            "E_inc_GeV": (float(energy.min()) / 1e3, float(energy.max()) / 1e3),
+            "theta": (float(cond[THETA].min()), float(cond[THETA].max())),
+            "E_sum/E_inc": e_sum / float(energy.sum(dtype=np.float64)),
+            "hits_per_shower": n_hits / f.n,
             "max_cell_MeV": vmax,
-            "note": note,
+            "note": f.note,
         }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calofm.cli import add_geometry_dir
+from calofm.cli import add_geometry_dir, float_in, int_in
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def geometry_profiles(path: str | Path, geometry=None, threshold: float | None =
     from calofm.geometry import load_geometry
 
     geo = load_geometry(geometry, extra_dirs) if geometry is not None else None
-    with ShowerFile(path, geometry=geo) as f:
+    with ShowerFile(path, geometry=geo, geometry_dirs=extra_dirs) as f:
         geo = geo or resolve_geometry(None, [f.attrs.geometry], [path, path], extra_dirs)
         thr = geo.card.threshold if threshold is None else threshold
         n = len(f) if max_showers is None else min(max_showers, len(f))
@@ -117,18 +117,31 @@ def plot_geometries(profiles: list[dict], out_dir: Path) -> list[Path]:
 
 def compare_geometries(files: list, out_dir: str | Path, geometries: list | None = None, threshold=None,
                        max_showers=None, extra_dirs=None) -> dict:
-    """Profiles of several files (one geometry each) -> profiles.png, response.png and summary.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Profiles of several files (one geometry each) -> profiles.png, response.png and summary.json.
+
+    Every file is read and checked before ``out_dir`` is touched; the outputs go through a temporary folder."""
+    from calofm.data.output import Staging, catch_interrupts, check_output
+
     geometries = geometries or [None] * len(files)
     if len(geometries) != len(files):
         raise ValueError(f"{len(geometries)} geometries for {len(files)} files")
-    profiles = [geometry_profiles(f, g, threshold, max_showers, extra_dirs) for f, g in zip(files, geometries)]
-    plot_geometries(profiles, out_dir)
-    keys = ("file", "geometry", "n", "threshold_MeV", "X0_mm", "R_M_mm", "dz_mm", "dr_mm", "mean_depth_X0",
-            "mean_r_RM", "r90_RM", "mean_e_vis_over_e_inc")
-    summary = {"geometries": [{k: p[k] for k in keys} for p in profiles]}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a finite number >= 0 MeV, not {threshold!r}")
+    if max_showers is not None and (isinstance(max_showers, bool) or not isinstance(max_showers, int | np.integer)
+                                    or max_showers < 1):
+        raise ValueError(f"max_showers must be a whole number >= 1, not {max_showers!r}")
+    out_dir = check_output(out_dir, files, kind="report")
+    with catch_interrupts():
+        profiles = [geometry_profiles(f, g, threshold, max_showers, extra_dirs) for f, g in zip(files, geometries)]
+        keys = ("file", "geometry", "n", "threshold_MeV", "X0_mm", "R_M_mm", "dz_mm", "dr_mm", "mean_depth_X0",
+                "mean_r_RM", "r90_RM", "mean_e_vis_over_e_inc")
+        summary = {"geometries": [{k: p[k] for k in keys} for p in profiles]}
+        with Staging(out_dir.parent, out_dir.name, inputs=files) as staging:
+            tmp = staging.tmp / "plots"
+            tmp.mkdir()
+            plot_geometries(profiles, tmp)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            staging.place(tmp, out_dir, "merge")
     return summary
 
 
@@ -137,9 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the plots and summary.json")
     parser.add_argument("--geometry", nargs="+", default=None, metavar="NAME",
                         help="geometry per file (default: recorded in the files)")
-    parser.add_argument("--threshold", type=float, default=None, metavar="MeV",
+    parser.add_argument("--threshold", type=float_in(0.0), default=None, metavar="MeV",
                         help="cell threshold (default: each geometry card's)")
-    parser.add_argument("--max-showers", type=int, default=None, metavar="N", help="first N showers of each file")
+    parser.add_argument("--max-showers", type=int_in(1), default=None, metavar="N", help="first N showers of each file")
     add_geometry_dir(parser)
 
 

@@ -84,6 +84,9 @@ def fpd(
     """
     from tqdm.auto import tqdm
 
+    if not 2 <= min_samples <= max_samples or num_batches < 1 or num_points < 2:
+        raise ValueError(f"FPD needs batch sizes 2 <= min <= max (got {min_samples}:{max_samples}), num_batches "
+                         f">= 1 and num_points >= 2 (got {num_batches}, {num_points})")
     x, y = normalise(np.asarray(real, dtype=np.float64), np.asarray(gen, dtype=np.float64))
     sizes = (1.0 / np.linspace(1.0 / min_samples, 1.0 / max_samples, num_points)).astype(np.int32)
     rng = np.random.default_rng(seed)
@@ -152,6 +155,8 @@ def kpd(
     the 16.275-83.725 percentile range as error. Defaults are the CaloChallenge call (JetNet degree 4)."""
     from tqdm.auto import tqdm
 
+    if batch_size < 2 or num_batches < 1:
+        raise ValueError(f"KPD needs batch_size >= 2 and num_batches >= 1, got {batch_size} and {num_batches}")
     x, y = normalise(np.asarray(real, dtype=np.float64), np.asarray(gen, dtype=np.float64))
     values = []
     for i in tqdm(range(num_batches), desc="KPD batches", disable=not progress, leave=False):

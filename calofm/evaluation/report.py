@@ -103,10 +103,30 @@ def range_table(ranges: dict) -> list[str]:
     return lines
 
 
+def conditions_lines(results: dict) -> list[str]:
+    """How the samples were paired; for unpaired samples, their condition distributions side by side."""
+    if results.get("pairing") != "unpaired":
+        return ["Paired: the generated showers have the reference's conditions row by row.", ""]
+    cond = results["conditions"]
+    lines = ["Unpaired: two independent samples, compared at the distribution level. Their conditions:", "",
+             "| condition | mean ref / gen | std ref / gen | S | KS statistic | KS p-value |",
+             "|---|---|---|---|---|---|"]
+    for key in ("incident_energy", "incident_phi", "incident_theta"):
+        c = cond[key]
+        lines.append(f"| {key} [{c['unit']}] | {c['mean_reference']:.4g} / {c['mean_generated']:.4g} | "
+                     f"{c['std_reference']:.4g} / {c['std_generated']:.4g} | {_fmt(c['separation_power'])} | "
+                     f"{c['ks_statistic']:.3f} | {c['ks_p_value']:.2e} |")
+    if cond["differ"]:
+        lines += ["", f"**Warning:** the condition distributions differ ({', '.join(cond['differ'])}, KS p < 1e-3): "
+                      "every metric below mixes shower and spectrum differences."]
+    return [*lines, ""]
+
+
 def write_report(pairs: list[dict], out_dir: Path, options) -> dict:
     """Plots per geometry, then metrics.json and report.md in ``out_dir``; returns the metrics dict."""
     from calofm.evaluation.plots import plot_comparison
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"created": datetime.now(UTC).isoformat(timespec="seconds"),
                "options": to_jsonable(options), "geometries": {}}
     md = ["# calofm evaluation report", "", f"Created {metrics['created']}. Metrics: {', '.join(options.metrics)}.",
@@ -125,8 +145,10 @@ def write_report(pairs: list[dict], out_dir: Path, options) -> dict:
             floor_hist = floor.results.get("hist") if floor is not None else None
             plots = plot_comparison(comp, geo, sub, options.energy_ranges, floor_hist)
         md += [f"## {key}", "", f"- reference: `{pair['reference']}`", f"- generated: `{pair['generated']}`",
-               f"- showers: {comp.results['n_reference']}; threshold {comp.results['threshold_MeV']:g} MeV; "
+               f"- showers: {comp.results['n_reference']} reference, {comp.results['n_generated']} generated; "
+               f"threshold {comp.results['threshold_MeV']:g} MeV; "
                f"noise floor: {'two random halves of the reference' if floor is not None else 'not computed'}", ""]
+        md += conditions_lines(comp.results)
         md += summary_table(comp.results, floor.results if floor is not None else None) + [""]
         ranges = comp.results.get("energy_ranges") or {}
         if ranges:
@@ -135,5 +157,4 @@ def write_report(pairs: list[dict], out_dir: Path, options) -> dict:
             md += ["### Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots] + [""]
     (out_dir / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1) + "\n")
     (out_dir / "report.md").write_text("\n".join(md))
-    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "report.md")
     return to_jsonable(metrics)

@@ -1,7 +1,9 @@
-"""The evaluation suite: load a reference/generated pair, check conditions, compute every metric.
+"""The evaluation suite: load a reference/generated pair, pair or compare their conditions, compute every metric.
 
 ``compare_samples`` works on in-memory samples; ``evaluate`` reads files (one pair per geometry),
 adds the Geant4-vs-Geant4-like noise floor from two halves of the reference, and writes the report.
+Every input is read and checked before the report folder is touched; the report is written through a
+temporary folder, so an error or Ctrl-C leaves nothing behind (``calofm.data.output``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from calofm.evaluation import features as F
 from calofm.evaluation.classifier import ClassifierConfig, classifier_test, default_config
+from calofm.evaluation.conditions import (  # noqa: F401  (check_conditions is public here)
+    PAIRINGS,
+    check_conditions,
+    compare_conditions,
+    pairing_of,
+    warn_if_different,
+)
 from calofm.evaluation.fpd import fpd, kpd
 from calofm.evaluation.histograms import compare_histograms, voxel_histograms
 from calofm.geometry import Geometry, load_geometry
@@ -22,7 +30,7 @@ from calofm.geometry import Geometry, load_geometry
 log = logging.getLogger(__name__)
 
 ALL_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd")
-COND_RTOL = 1e-5  # float32 round-off of stored conditions
+MIN_SHOWERS = 10  # per file: the noise floor splits the reference in halves, the classifier each into 3 parts
 
 
 @dataclass
@@ -38,6 +46,7 @@ class EvalOptions:
     fpd_samples: tuple[int, int] = (10_000, 50_000)  # CaloChallenge: min_samples=10000, JetNet max 50000
     kpd_batch: int | None = None  # None: min(10000 (CaloChallenge), sample size), see docs/evaluation.md
     max_showers: int | None = None  # use only the first N showers of each file
+    pairing: str = "auto"  # auto: paired if the conditions match row by row; paired: insist; unpaired
     plots: bool = True
     progress: bool = True
     seed: int = 0
@@ -46,6 +55,25 @@ class EvalOptions:
         unknown = sorted(set(self.metrics) - set(ALL_METRICS))
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}")
+
+        def whole(value, low: int) -> bool:
+            return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low
+
+        thr = self.threshold
+        if thr is not None and (not isinstance(thr, int | float) or not np.isfinite(thr) or thr < 0):
+            raise ValueError(f"threshold must be a finite number >= 0 MeV, not {thr!r}")
+        if len(self.fpd_samples) != 2 or not all(whole(v, 2) for v in self.fpd_samples) or \
+                self.fpd_samples[0] > self.fpd_samples[1]:
+            raise ValueError(f"fpd_samples must be two whole numbers 2 <= min <= max, not {self.fpd_samples!r}")
+        for name, low in (("kpd_batch", 2), ("max_showers", MIN_SHOWERS)):
+            value = getattr(self, name)
+            if value is not None and not whole(value, low):
+                raise ValueError(f"{name} must be a whole number >= {low}, not {value!r}")
+        if not whole(self.min_range_showers, 1) or not whole(self.seed, 0):
+            raise ValueError(f"min_range_showers must be >= 1 and seed >= 0, not {self.min_range_showers!r}, "
+                             f"{self.seed!r}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, not {self.pairing!r}")
 
 
 @dataclass
@@ -56,21 +84,6 @@ class Comparison:
     ref: dict[str, np.ndarray] = field(repr=False)
     gen: dict[str, np.ndarray] = field(repr=False)
     hists: dict = field(default_factory=dict, repr=False)
-
-
-def check_conditions(ref: dict, gen: dict, ref_name: str = "reference", gen_name: str = "generated") -> None:
-    """The generated sample must hold the reference's incident energies and angles, in the same order."""
-    hint = f"generate with `calofm generate --like {ref_name}`"
-    if len(ref["incident_energy"]) != len(gen["incident_energy"]):
-        raise ValueError(f"{gen_name} has {len(gen['incident_energy'])} showers, {ref_name} has "
-                         f"{len(ref['incident_energy'])}; the conditions must match: {hint}")
-    for key, unit in (("incident_energy", "MeV"), ("incident_phi", "rad"), ("incident_theta", "rad")):
-        a, b = np.asarray(ref[key], np.float64), np.asarray(gen[key], np.float64)
-        bad = ~np.isclose(a, b, rtol=COND_RTOL, atol=1e-6)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{gen_name}: {key} differs from {ref_name} at row {i} ({b[i]:.6g} vs {a[i]:.6g} "
-                             f"{unit}; {int(bad.sum())} rows differ): {hint}")
 
 
 def _classifier_config(options: EvalOptions) -> ClassifierConfig:
@@ -95,6 +108,9 @@ def compare_samples(ref: dict, gen: dict, geometry: Geometry, options: EvalOptio
         res["hist"] = scores
         res["energy_ranges"] = _per_range(fr, fg, geometry, thr, options)
     need_high = {"cls-high", "fpd", "kpd"} & set(options.metrics)
+    # the classifier needs equal classes: an unpaired sample of another size gives up its extra showers
+    n_cls = min(len(ref_s), len(gen_s))
+    pick_r, pick_g = (_subset(len(a), n_cls, options.seed + i) for i, a in enumerate((ref_s, gen_s)))
     high_r = F.high_level_vector(fr) if need_high else None
     high_g = F.high_level_vector(fg) if need_high else None
     if "fpd" in options.metrics:
@@ -103,21 +119,28 @@ def compare_samples(ref: dict, gen: dict, geometry: Geometry, options: EvalOptio
         res["fpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3,
                       "batch_sizes": list(options.fpd_samples)}
     if "kpd" in options.metrics:
-        batch = options.kpd_batch or min(10_000, len(high_r))
+        batch = options.kpd_batch or min(10_000, len(high_r), len(high_g))
         value, err = kpd(high_r, high_g, batch_size=batch, progress=options.progress)
         res["kpd"] = {"value": value, "error": err, "x1e3": value * 1e3, "error_x1e3": err * 1e3, "batch_size": batch}
     cfg = _classifier_config(options)
     if "cls-high" in options.metrics:
         log.info("classifier on high-level features (%d inputs)", high_r.shape[1])
-        res["cls-high"] = classifier_test(high_r, high_g, cfg, progress=options.progress)
+        res["cls-high"] = classifier_test(high_r[pick_r], high_g[pick_g], cfg, progress=options.progress)
     if "cls-low" in options.metrics:
         scale = float(np.median(fr["e_ratio"])) or 1.0  # visible fraction: voxels/E_inc on the CaloChallenge scale
-        low_r = F.low_level_vector(ref_s, ref["incident_energy"], scale)
-        low_g = F.low_level_vector(gen_s, gen["incident_energy"], scale)
+        low_r = F.low_level_vector(ref_s[pick_r], ref["incident_energy"][pick_r], scale)
+        low_g = F.low_level_vector(gen_s[pick_g], gen["incident_energy"][pick_g], scale)
         log.info("classifier on low-level features (%d inputs)", low_r.shape[1])
         res["cls-low"] = classifier_test(low_r, low_g, cfg, progress=options.progress)
         res["cls-low"]["voxel_scale"] = scale
+    if n_cls < max(len(ref_s), len(gen_s)) and {"cls-high", "cls-low"} & set(options.metrics):
+        res["classifier_showers"] = n_cls
     return out
+
+
+def _subset(n: int, size: int, seed: int) -> np.ndarray:
+    """All rows, or ``size`` of them at random (kept in order)."""
+    return np.arange(n) if size >= n else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
 def _per_range(fr: dict, fg: dict, geometry: Geometry, thr: float, options: EvalOptions) -> dict:
@@ -148,17 +171,17 @@ def split_halves(sample: dict, seed: int) -> tuple[dict, dict]:
 
 
 def load_sample(path: str | Path, geometry: Geometry | None, max_showers: int | None,
-                progress: bool = False) -> tuple[dict, str | None]:
-    """Read a shower file (optionally its first ``max_showers``); returns the sample and its recorded geometry."""
+                progress: bool = False, extra_dirs=None) -> tuple[dict, str | None]:
+    """Read a shower file (optionally its first ``max_showers``) with every check of ``ShowerFile``, the recorded
+    geometry against its card included; returns the sample and its recorded geometry."""
     from calofm.data.io import ShowerFile
 
-    with ShowerFile(path, geometry=geometry) as f:
+    with ShowerFile(path, geometry=geometry, geometry_dirs=extra_dirs) as f:
         n = len(f) if max_showers is None else min(max_showers, len(f))
+        if n < MIN_SHOWERS:
+            raise ValueError(f"{path}: {n} showers; evaluation needs at least {MIN_SHOWERS} per file")
         log.info("reading %d showers from %s", n, path)
-        parts = [f.read(slice(start, min(start + 4096, n))) for start in
-                 tqdm(range(0, n, 4096), desc=f"read {Path(path).name}", disable=not progress, leave=False)]
-        sample = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else f.read(slice(0, 0))
-        return sample, f.attrs.geometry
+        return f.load(limit=n, progress=progress), f.geometry_name
 
 
 def resolve_geometry(name: str | Geometry | None, recorded: list[str | None], paths: list, extra_dirs=None) -> Geometry:
@@ -177,12 +200,19 @@ def evaluate_pair(reference, generated, geometry=None, options: EvalOptions | No
     """Read, check and compare one reference/generated pair; returns (Comparison, noise floor or None, geometry)."""
     options = options or EvalOptions()
     geo = load_geometry(geometry, extra_dirs) if geometry is not None else None
-    ref, ref_geo = load_sample(reference, geo, options.max_showers, options.progress)
-    gen, gen_geo = load_sample(generated, geo, options.max_showers, options.progress)
+    ref, ref_geo = load_sample(reference, geo, options.max_showers, options.progress, extra_dirs=extra_dirs)
+    gen, gen_geo = load_sample(generated, geo, options.max_showers, options.progress, extra_dirs=extra_dirs)
     geo = geo or resolve_geometry(None, [ref_geo, gen_geo], [reference, generated], extra_dirs)
-    check_conditions(ref, gen, str(reference), str(generated))
-    log.info("%s: comparing %s with %s", geo.name, generated, reference)
+    pairing = pairing_of(ref, gen, options.pairing, str(reference), str(generated))
+    cond = None
+    if pairing == "unpaired":
+        cond = compare_conditions(ref, gen)
+        warn_if_different(cond, str(reference), str(generated))
+    log.info("%s: comparing %s with %s (%s)", geo.name, generated, reference, pairing)
     comp = compare_samples(ref, gen, geo, options)
+    comp.results["pairing"] = pairing
+    if cond is not None:
+        comp.results["conditions"] = cond
     floor = None
     if options.noise_floor:
         log.info("%s: noise floor from two halves of %s", geo.name, reference)
@@ -205,6 +235,7 @@ def evaluate(
 
     Paths or equal-length lists of paths (one pair per geometry); ``geometry`` a name, a list, or None (from files).
     """
+    from calofm.data.output import Staging, catch_interrupts, check_output
     from calofm.evaluation.report import write_report
 
     refs = [reference] if isinstance(reference, (str, Path)) else list(reference)
@@ -219,10 +250,14 @@ def evaluate(
         options = replace(options, metrics=tuple(metrics))
     if threshold is not None:
         options = replace(options, threshold=threshold)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for ref, gen, geo in zip(refs, gens, geos):
-        comp, floor, g = evaluate_pair(ref, gen, geo, options, extra_dirs)
-        pairs.append({"reference": str(ref), "generated": str(gen), "geometry": g, "comparison": comp, "floor": floor})
-    return write_report(pairs, out_dir, options)
+    out_dir = check_output(out_dir, [*refs, *gens], kind="report")
+    with catch_interrupts():
+        pairs = []  # every input read and checked, every metric computed, before the report folder is touched
+        for ref, gen, geo in zip(refs, gens, geos):
+            comp, floor, g = evaluate_pair(ref, gen, geo, options, extra_dirs)
+            pairs.append({"reference": str(ref), "generated": str(gen), "geometry": g, "comparison": comp,
+                          "floor": floor})
+        with Staging(out_dir.parent, out_dir.name, inputs=[*refs, *gens]) as staging:
+            metrics = write_report(pairs, staging.tmp / "report", options)
+            staging.place(staging.tmp / "report", out_dir, "merge")
+    return metrics

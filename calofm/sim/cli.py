@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calofm.cli import add_geometry_dir, parse_count, parse_range
+from calofm.cli import SEED, add_geometry_dir, parse_count, parse_range
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-scale", choices=["visible", "deposited"], default="visible",
                    help="visible = active-layer energy (LEMURS); deposited = sampling-fraction corrected")
     p.add_argument("--no-threshold", action="store_true", help="keep cells below the readout threshold")
-    p.add_argument("--seed", type=int, default=0, help="random seed (the output depends only on seed and settings)")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="random seed in [0, 2^63) (the output depends only on seed and settings)")
     p.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--restart", action="store_true", help="ignore a .partial file from an interrupted run")
@@ -29,14 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calofm.data.output import check_output
     from calofm.geometry import load_geometry
     from calofm.sim.run import simulate_to_file
     from calofm.sim.shower import SimOptions
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: exists already (use --overwrite)")
     geometry = load_geometry(args.geometry, args.geometry_dir)
+    out = check_output(Path(args.out), [geometry.source], args.overwrite)  # never onto the card it reads
     options = SimOptions(
         particle=args.particle or geometry.card.particle,
         energy_scale=args.energy_scale,

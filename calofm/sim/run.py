@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from calofm.data.format import FileAttrs
-from calofm.data.io import ShowerWriter
+from calofm.data.io import ShowerWriter, progress_disabled
+from calofm.data.output import catch_interrupts
 from calofm.geometry import Geometry, load_geometry
 from calofm.sim.shower import ShowerSimulator, SimOptions
 
@@ -74,8 +75,10 @@ class Run:
     ):
         self.geometry = load_geometry(geometry)
         card = self.geometry.card
-        if n < 1:
-            raise ValueError("number of showers must be >= 1")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"number of showers must be a whole number >= 1, not {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a whole number in [0, 2^63), not {seed!r}")
         self.n, self.seed = n, seed
         self.energy = tuple(energy or card.energy)
         self.theta = tuple(theta or card.theta)
@@ -135,12 +138,13 @@ def simulate_to_file(
     resume: bool = True, compression: str | None = "gzip",
 ) -> Path:
     """Simulate into a native shower file; an interrupted run resumes from its ``.partial`` file."""
-    run = Run(geometry, n, energy, theta, phi, spectrum, seed, options, device)
-    with ShowerWriter(out, attrs=run.attrs(), compression=compression, resume=resume, expected_rows=n) as w:
+    run = Run(geometry, n, energy, theta, phi, spectrum, seed, options, device)  # checks before any file exists
+    with catch_interrupts(), ShowerWriter(out, attrs=run.attrs(), compression=compression, resume=resume,
+                                          expected_rows=n) as w:
         done = w.n_written
         if done % CHUNK and done != n:  # a chunk is written in one append, so this means a foreign file
             raise ValueError(f"{w.tmp}: holds {done} showers, not a whole number of chunks; delete it")
-        bar = tqdm(total=n, initial=done, disable=not progress, unit="shower",
+        bar = tqdm(total=n, initial=done, disable=progress_disabled(progress), unit="shower",
                    desc=f"simulate {run.geometry.name}")
         for k in range(done // CHUNK, run.n_chunks):
             c = run.chunk(k)
