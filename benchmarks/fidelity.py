@@ -28,8 +28,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 PRETRAIN = ("par04_siw", "odd", "ild")
 ADAPT = "allegro"
 DEMO_PRETRAIN_STEPS, DEMO_ADAPT_STEPS = 1200, 400  # the embedded default and `calofm adapt`'s default
@@ -58,7 +56,7 @@ def step_costs(variants, cache: str, repeats: int = 3, steps: int = 12) -> dict[
         cfg = build(TrainConfig, None, ["--data.cache_dir", cache, "--model.variant", v])
         data = prepare_data(cfg.data, progress=False)
         net, space = build_pretrain_model(cfg)(data)
-        batch = data.train.__getitems__(np.arange(32) * 17 % len(data.train))
+        batch = data.train.__getitems__([(17 * i) % len(data.train) for i in range(32)])
         batch = {k: torch.as_tensor(b) for k, b in batch.items()}
         setups[v] = (DiffusionObjective(net).train(), space, batch, torch.optim.AdamW(net.parameters(), 1e-4))
     best = {v: float("inf") for v in variants}
@@ -124,18 +122,12 @@ def generate(model: Path, geometry: str, ref: Path, out: Path, steps: int) -> tu
                    str(steps), "--out", str(path), "--seed", "1", "--batch-size", "250", "--overwrite"])
         if rc:
             raise SystemExit(f"generation failed ({rc})")
-        n = len(read(path)["e_inc"])
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            n = len(f["incident_energy"])
         timing.write_text(json.dumps({"ms_per_shower": 1e3 * (time.perf_counter() - t0) / n}))
     return path, json.loads(timing.read_text())["ms_per_shower"]
-
-
-def read(path: Path) -> dict[str, np.ndarray]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        showers = f["showers"][:].astype(np.float64)
-        e_inc = f["incident_energy"][:].astype(np.float64).reshape(-1)
-    return {"e_inc": e_inc, "e_vis": showers.sum(axis=(1, 2, 3))}
 
 
 def evaluate(ref: Path, gen: Path, out: Path) -> dict:
@@ -149,19 +141,10 @@ def evaluate(ref: Path, gen: Path, out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def row(ref: Path, gen: Path, report: dict, geometry: str) -> dict:
-    m = report["geometries"][geometry]
-    floor = m.get("noise_floor", {})
-    r, g = read(ref), read(gen)
-    seps = [v["separation_power"] for v in m["hist"].values() if v.get("separation_power") is not None]
-    return {
-        "e_ratio": g["e_vis"].mean() / r["e_vis"].mean(),
-        "spread": np.std(g["e_vis"] / g["e_inc"]) / np.std(r["e_vis"] / r["e_inc"]),
-        "s_hits": m["hist"]["n_hits"]["separation_power"], "mean_s": float(np.mean(seps)),
-        "auc_low": m["cls-low"]["auc"], "auc_high": m["cls-high"]["auc"],
-        "fpd": m["fpd"]["x1e3"], "fpd_floor": floor.get("fpd", {}).get("x1e3", np.nan),
-        "kpd": m["kpd"]["x1e3"], "kpd_floor": floor.get("kpd", {}).get("x1e3", np.nan),
-    }
+def row(report: dict, geometry: str) -> dict:
+    from calofm.evaluation.summary import fidelity_row
+
+    return fidelity_row(report["geometries"][geometry])
 
 
 def table(rows: list[dict]) -> str:
@@ -190,7 +173,7 @@ def run_variant(variant: str, budget: float, cost: dict, args, out: Path) -> lis
         gen, ms = generate(model, geometry, ref, out / tag / "generated", args.sample_steps)
         report = evaluate(ref, gen, out / tag / "evaluation" / geometry)
         rows.append({"variant": variant, "budget": budget, "geometry": geometry, "ms": ms,
-                     "pretrain_steps": pre_steps, "adapt_steps": ad_steps, **row(ref, gen, report, geometry)})
+                     "pretrain_steps": pre_steps, "adapt_steps": ad_steps, **row(report, geometry)})
         print(table(rows[-1:]), flush=True)
     return rows
 

@@ -130,22 +130,16 @@ def main() -> None:
 
 
 def summary(reports: dict[str, Path]) -> None:
-    """One line per geometry from each report's metrics.json, with the reference half-vs-half floor."""
+    """One line per geometry from each report's metrics.json: energy, spread, hits, classifiers, FPD/KPD
+    beside the floor (the same metric between two halves of the reference)."""
     import json
 
-    def get(m: dict, *keys):
-        for k in keys:
-            m = m.get(k) if isinstance(m, dict) else None
-        return float("nan") if m is None else m
+    from calofm.evaluation.summary import fidelity_row, format_rows
 
-    print(f"{'geometry':>10} {'<E_gen/E_ref>':>13} {'S(E_tot/E_inc)':>14} {'AUC low':>7} {'AUC high':>8} "
-          f"{'FPD x1e3':>9} {'(floor)':>9} {'KPD x1e3':>9}  report")
-    for geometry, report in reports.items():
-        m = json.loads((report / "metrics.json").read_text())["geometries"][geometry]
-        ratio = get(m, "hist", "e_ratio", "mean_gen") / get(m, "hist", "e_ratio", "mean_ref")
-        print(f"{geometry:>10} {ratio:13.3f} {get(m, 'hist', 'e_ratio', 'separation_power'):14.3f} "
-              f"{get(m, 'cls-low', 'auc'):7.3f} {get(m, 'cls-high', 'auc'):8.3f} {get(m, 'fpd', 'x1e3'):9.1f} "
-              f"{get(m, 'noise_floor', 'fpd', 'x1e3'):9.1f} {get(m, 'kpd', 'x1e3'):9.2f}  {report / 'report.md'}")
+    rows = [{"geometry": g, **fidelity_row(json.loads((r / "metrics.json").read_text())["geometries"][g])}
+            for g, r in reports.items()]
+    print(format_rows(rows))
+    print("reports: " + ", ".join(str(r / "report.md") for r in reports.values()))
 
 
 if __name__ == "__main__":

@@ -133,3 +133,13 @@ def mean_features(features: dict[str, np.ndarray]) -> dict[str, float | list[flo
         mean = values.mean(axis=0)
         out[key] = mean.tolist() if np.ndim(mean) else float(mean)
     return out
+
+
+def energy_summary(ref: dict[str, np.ndarray], gen: dict[str, np.ndarray]) -> dict[str, float]:
+    """The first numbers a physicist checks: mean visible energy and the spread of E_vis / E_inc, generated
+    over reference (1 = right), with the reference values they are relative to."""
+    return {
+        "mean_ratio": float(gen["e_tot"].mean() / ref["e_tot"].mean()),
+        "spread_ratio": float(np.std(gen["e_ratio"]) / np.std(ref["e_ratio"])),
+        "mean_ref_MeV": float(ref["e_tot"].mean()), "spread_ref": float(np.std(ref["e_ratio"])),
+    }

@@ -100,7 +100,8 @@ def compare_samples(ref: dict, gen: dict, geometry: Geometry, options: EvalOptio
     gen_s = F.apply_threshold(gen["showers"], thr)
     fr = F.shower_features(ref_s, ref["incident_energy"], geometry)
     fg = F.shower_features(gen_s, gen["incident_energy"], geometry)
-    res: dict = {"n_reference": len(ref_s), "n_generated": len(gen_s), "threshold_MeV": thr}
+    res: dict = {"n_reference": len(ref_s), "n_generated": len(gen_s), "threshold_MeV": thr,
+                 "energy": F.energy_summary(fr, fg)}
     out = Comparison(res, fr, fg)
     if "hist" in options.metrics:
         scores, out.hists = compare_histograms(fr, fg, geometry, thr)
