@@ -82,33 +82,36 @@ class ShowerPreprocessor:
         layers: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Model space -> MeV (B, ...), non-negative; cells below the noise cut or ``threshold`` (MeV, scalar
-        or (B,)) -> 0. "layer" mode needs ``layers`` (B, Z) MeV, the energy every layer must hold."""
+        or (B,)) -> 0. With ``layers`` (B, Z) MeV every layer is rescaled to hold exactly that energy (the
+        factorised variant; "layer" mode needs them, its cells are shares of their layer)."""
         y = y if y.dtype in (torch.float32, torch.float64) else y.float()
         threshold = torch.as_tensor(threshold, dtype=y.dtype, device=y.device)
         if threshold.ndim:
             threshold = threshold.reshape(-1, *([1] * (y.ndim - 1)))
         log_rel = y * self.std + self.mean
-        if self.mode == "layer":  # no cell holds more than its layer: also keeps exp() finite for any y
+        if layers is not None and self.mode != "absolute":
+            # factorised: no cell holds more than its unit (layer energy, E_inc); also keeps exp() finite for any y
             log_rel = log_rel.clamp_max(math.log1p(self.eps))
         rel = (torch.exp(log_rel) - self.eps).clamp_min(0.0)  # x / unit
+        rel = torch.where(rel >= self.noise_cut * self.eps, rel, torch.zeros_like(rel))  # the noise cut
         if self.mode == "layer":
             if layers is None:
                 raise ValueError("preprocessing mode 'layer' needs the layer energies (MeV) to invert")
-            return self._inverse_layers(rel, log_rel, torch.as_tensor(layers, dtype=rel.dtype, device=rel.device),
-                                        threshold)
-        unit = self.unit(y, energy)
-        x = rel * unit
-        noise = torch.as_tensor(self.noise_cut * self.eps * unit, dtype=x.dtype, device=x.device)
-        cut = torch.maximum(threshold, noise)
-        return torch.where(x >= cut, x, torch.zeros_like(x))
+            x = rel
+        else:
+            x = rel * self.unit(y, energy)
+        if layers is None:
+            return torch.where(x >= threshold, x, torch.zeros_like(x))
+        return self._fit_layers(x, log_rel, torch.as_tensor(layers, dtype=x.dtype, device=x.device), threshold)
 
-    def _inverse_layers(self, rel, log_rel, layers: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """Cell shares of each layer (B, R, P, Z) -> MeV with every layer summing exactly to ``layers`` (B, Z).
+    def _fit_layers(self, x, log_rel, layers: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Cells (B, R, P, Z), in any unit -> MeV with every layer summing exactly to ``layers`` (B, Z).
 
-        Noise cut, normalise, scale, readout threshold, then scale the surviving cells up to the layer energy
-        (so no surviving cell falls below the threshold). A layer the network left empty gets its energy in
-        the cell it rated highest; a layer whose energy is below the threshold ends empty, as in the detector."""
-        rel = torch.where(rel >= self.noise_cut * self.eps, rel, torch.zeros_like(rel))
+        Normalise each layer, scale to its energy, apply the readout threshold, then scale the surviving cells
+        up to the layer energy again (so no surviving cell falls below the threshold). A layer the network left
+        empty gets its energy in the cell it rated highest; a layer whose energy is below the threshold ends
+        empty, as in the detector."""
+        rel = x
         empty = rel.sum(dim=(1, 2), keepdim=True) <= 0  # (B, 1, 1, Z)
         if empty.any():
             flat = log_rel.flatten(1, 2)  # (B, R*P, Z)
@@ -341,8 +344,8 @@ class ModelSpace:
     for the energy-factorised variant, the profile transform. Built from a CaloDiT config (``from_config``)."""
 
     def __init__(self, shower: ShowerPreprocessor, profile: ProfilePreprocessor | None = None):
-        if (shower.mode == "layer") != (profile is not None):
-            raise ValueError("the 'layer' shower transform and the profile transform go together (factorised)")
+        if shower.mode == "layer" and profile is None:
+            raise ValueError("the 'layer' shower transform needs the profile transform (the factorised variant)")
         self.shower, self.profile = shower, profile
 
     @classmethod

@@ -56,6 +56,15 @@ def test_layer_mode_threshold_then_exact_rescale():
             assert (r.max() / r.min() - 1).abs() < 1e-9
 
 
+def test_fraction_mode_with_layer_energies_is_rescaled_exactly():
+    x, energy = showers()
+    pre = ShowerPreprocessor(mode="fraction", eps=1e-6).fit([(x, energy)])
+    layers = 1.3 * x.sum(dim=(1, 2))  # the energy model asks for 30 % more in every layer
+    back = pre.inverse(pre.forward(x, energy), energy, layers=layers)
+    torch.testing.assert_close(back.sum(dim=(1, 2)), layers, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(back, 1.3 * x, rtol=1e-9, atol=1e-12)  # the shape itself is untouched
+
+
 def test_layer_mode_is_finite_for_any_network_output():
     pre = ShowerPreprocessor(mode="layer", eps=1e-6, mean=-10.0, std=3.0)
     y = torch.tensor([1e4, -1e4, 0.0]).repeat(2, 9, 16, 15)  # wild outputs, (2, 9, 16, 45)
@@ -156,9 +165,8 @@ def test_model_space_inputs_of_both_variants():
     assert cond["profile"].shape == (4, 46) and xf.shape == x.shape
     torch.testing.assert_close(cond["profile"].double(), profile(x.sum((1, 2)), energy, batch["geometry"]),
                                rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="go together"):
-        ModelSpace(single, profile)
-    with pytest.raises(ValueError, match="go together"):
+    assert ModelSpace(single, profile).factorised  # fraction-of-E_inc cells, rescaled to the layer energies
+    with pytest.raises(ValueError, match="needs the profile"):
         ModelSpace(layer)
     config = preset_config("tiny", variant="factorised", preprocessing=layer.state_dict(),
                            profile_preprocessing=profile.state_dict(), geometry_slots={"a": 0, "b": 2})

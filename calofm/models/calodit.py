@@ -88,14 +88,17 @@ class CaloDiTConfig(PreTrainedConfig):
     energy_hidden_size: int = 64
     energy_num_layers: int = 3
     energy_num_heads: int = 4
-    # EDM (Karras et al. 2022) constants as CaloDiT-2, except sigma_data: the model space is standardised to
-    # unit variance, so 1 (EDM's preconditioning then gives the network unit-variance inputs and targets).
-    # Checkpoints written before carry their 0.5 in config.json and load with it.
+    # EDM (Karras et al. 2022) constants as CaloDiT-2, except sigma_data and P_mean. The model space is
+    # standardised to unit variance, so sigma_data = 1 (EDM's preconditioning then gives the network
+    # unit-variance inputs and targets), and the training noise ln sigma ~ N(P_mean, P_std^2) moves with the
+    # data scale: EDM's -1.2 for sigma_data = 0.5 becomes -1.2 + ln 2 = -0.5, the same noise levels relative
+    # to the data (measured in docs/fidelity.md). Checkpoints written before carry 0.5 and -1.2 in config.json
+    # and load with them.
     sigma_data: float = 1.0
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    P_mean: float = -1.2
+    P_mean: float = -0.5
     P_std: float = 1.2
     # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV,
     # -> largest cell energy in the training data in preprocessing units (fraction of E_inc, or MeV if "absolute");
