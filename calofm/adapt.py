@@ -171,15 +171,16 @@ def build_adapt_model(a: AdaptConfig):
 
     def build_model(data):
         net = base
-        space = ModelSpace.from_config(net.config)
+        base_space = ModelSpace.from_config(net.config)
         stats_n = train_config(a).data.stats_samples
         cell_max, profile = None, None
-        if space.factorised:  # the new geometry's own profile statistics (its response and layer shares)
-            fit_profile(data.train, stats_n, {geometry.name: slot}, space.profile)
-            profile = space.profile.stats[geometry.name]
+        if base_space.factorised:  # the new geometry's own profile statistics (its response and layer shares)
+            fit_profile(data.train, stats_n, {geometry.name: slot}, base_space.profile)
+            profile = base_space.profile.stats[geometry.name]
         else:
-            cell_max = cell_maxima(data.train, stats_n, space.shower)[geometry.name]
+            cell_max = cell_maxima(data.train, stats_n, base_space.shower)[geometry.name]
         net.config.add_geometry(geometry.name, slot, geometry.card.threshold, cell_max, profile=profile)
+        space = ModelSpace.from_config(net.config)  # with the new geometry's threshold and statistics
         if a.method == "full":  # full fine-tuning or scratch: a new network, for the new geometry only
             net.config.keep_geometries([geometry.name])
         if a.from_scratch:

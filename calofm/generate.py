@@ -188,7 +188,7 @@ class ShowerGenerator:
             # ... nor more than the brightest cell of the geometry's training data (docs/generation.md)
             limit = self.config.geometry_cell_max[geometry] * self.pre.unit(top, e_mev)
             top = torch.minimum(top, torch.as_tensor(limit, dtype=top.dtype, device=dev))
-        cap = self.pre.forward(top.expand_as(y), e_mev)
+        cap = self.pre.forward(top.expand_as(y), e_mev, threshold=threshold)
         showers = self.pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=threshold)
         return showers.cpu().numpy()
 

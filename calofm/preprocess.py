@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-VERSION = 2  # 2 added noise_cut; version-1 states load with noise_cut = 0
+VERSION = 3  # 2 added noise_cut (version-1 states load with 0), 3 added floor (older states load with None)
 MODES = ("absolute", "fraction", "layer")
 
 
@@ -42,6 +42,7 @@ class ShowerPreprocessor:
         std: float = 1.0,
         count: int = 0,
         noise_cut: float = 0.0,
+        floor: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
@@ -49,8 +50,25 @@ class ShowerPreprocessor:
         if not eps > 0 or not std > 0 or not math.isfinite(mean) or not 0 <= noise_cut < math.inf:
             raise ValueError(f"preprocessing needs eps > 0, std > 0, a finite mean and noise_cut >= 0 "
                              f"(eps={eps}, std={std}, mean={mean}, noise_cut={noise_cut})")
+        if floor is not None and not 0 < floor < math.inf:
+            raise ValueError(f"preprocessing floor must be > 0 (a fraction of the readout threshold), got {floor}")
         self.mode, self.eps, self.mean, self.std, self.count = mode, eps, float(mean), float(std), int(count)
         self.noise_cut = float(noise_cut)  # inverse: cells below noise_cut * eps * u are empty
+        # floor: the empty-cell floor is floor x the readout threshold (MeV) instead of eps x the unit, so it sits
+        # at the same place relative to what the detector reads for every geometry, energy and layer
+        self.floor = None if floor is None else float(floor)
+
+    def offset(self, unit, threshold) -> torch.Tensor | float:
+        """The floor added before the log, in units of ``unit``: eps, or floor x threshold / unit."""
+        if self.floor is None:
+            return self.eps
+        if threshold is None:
+            raise ValueError("a preprocessing floor relative to the readout threshold needs the threshold (MeV)")
+        unit = torch.as_tensor(unit)
+        threshold = torch.as_tensor(threshold, dtype=unit.dtype, device=unit.device)
+        if threshold.ndim:
+            threshold = threshold.reshape(-1, *([1] * (unit.ndim - 1)))
+        return self.floor * threshold / unit
 
     # -- transforms ---------------------------------------------------------------------------
     def unit(self, x: torch.Tensor, energy: torch.Tensor | None, layers: torch.Tensor | None = None):
@@ -65,15 +83,18 @@ class ShowerPreprocessor:
             raise ValueError("preprocessing mode 'fraction' needs the incident energy (MeV)")
         return torch.as_tensor(energy, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
 
-    def forward(self, showers: torch.Tensor, energy: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    def forward(self, showers: torch.Tensor, energy: torch.Tensor | None = None, check: bool = True,
+                threshold=None) -> torch.Tensor:
         """Showers (B, ...) MeV, incident energy (B,) MeV -> model space, same shape, float32 or wider.
+        ``threshold`` (MeV, scalar or (B,)) is needed with a ``floor``.
 
         ``check=False`` skips the non-negativity check (a host sync): the training loop's data were checked
         when their files were read."""
         x = showers if showers.dtype in (torch.float32, torch.float64) else showers.float()
         if check and (x < 0).any():
             raise ValueError("showers must be non-negative energies in MeV")
-        return (torch.log(x / self.unit(x, energy) + self.eps) - self.mean) / self.std
+        unit = self.unit(x, energy)
+        return (torch.log(x / unit + self.offset(unit, threshold)) - self.mean) / self.std
 
     __call__ = forward
 
@@ -89,17 +110,16 @@ class ShowerPreprocessor:
         if threshold.ndim:
             threshold = threshold.reshape(-1, *([1] * (y.ndim - 1)))
         log_rel = y * self.std + self.mean
+        if self.mode == "layer" and layers is None:
+            raise ValueError("preprocessing mode 'layer' needs the layer energies (MeV) to invert")
+        unit = self.unit(y, energy, layers)
+        off = self.offset(unit, threshold if self.floor is not None else None)
         if layers is not None and self.mode != "absolute":
             # factorised: no cell holds more than its unit (layer energy, E_inc); also keeps exp() finite for any y
-            log_rel = log_rel.clamp_max(math.log1p(self.eps))
-        rel = (torch.exp(log_rel) - self.eps).clamp_min(0.0)  # x / unit
+            log_rel = torch.minimum(log_rel, torch.log1p(torch.as_tensor(off, dtype=y.dtype, device=y.device)))
+        rel = (torch.exp(log_rel) - off).clamp_min(0.0)  # x / unit
         rel = torch.where(rel >= self.noise_cut * self.eps, rel, torch.zeros_like(rel))  # the noise cut
-        if self.mode == "layer":
-            if layers is None:
-                raise ValueError("preprocessing mode 'layer' needs the layer energies (MeV) to invert")
-            x = rel
-        else:
-            x = rel * self.unit(y, energy)
+        x = rel if self.mode == "layer" else rel * unit
         if layers is None:
             return torch.where(x >= threshold, x, torch.zeros_like(x))
         return self._fit_layers(x, log_rel, torch.as_tensor(layers, dtype=x.dtype, device=x.device), threshold)
@@ -137,7 +157,9 @@ class ShowerPreprocessor:
         self.mean, self.std = 0.0, 1.0  # forward() with identity stats gives the raw log values
         for batch in batches:
             showers, energy = (batch["showers"], batch.get("energy")) if isinstance(batch, Mapping) else batch
-            stats.update(self.forward(torch.as_tensor(showers).double(), energy).reshape(-1, 1))  # float64 logs
+            threshold = batch.get("threshold") if isinstance(batch, Mapping) else None
+            stats.update(self.forward(torch.as_tensor(showers).double(), energy, threshold=threshold)
+                         .reshape(-1, 1))  # float64 logs
         if stats.n < 2:
             raise ValueError("fit needs at least two cells of data")
         mean, std = stats.mean[0].item(), stats.std[0].item()
@@ -156,21 +178,22 @@ class ShowerPreprocessor:
             "std": self.std,
             "count": self.count,
             "noise_cut": self.noise_cut,
+            "floor": self.floor,
         }
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ShowerPreprocessor:
         state = dict(state)
-        if state.pop("version", None) not in (1, VERSION):
-            raise ValueError(f"preprocessing state: expected version 1 or {VERSION}, got {state!r}")
-        unknown = set(state) - {"mode", "eps", "mean", "std", "count", "noise_cut"}
+        if state.pop("version", None) not in (1, 2, VERSION):
+            raise ValueError(f"preprocessing state: expected version 1 to {VERSION}, got {state!r}")
+        unknown = set(state) - {"mode", "eps", "mean", "std", "count", "noise_cut", "floor"}
         if unknown or not {"mode", "eps", "mean", "std"} <= set(state):
             raise ValueError(f"preprocessing state: unknown keys {sorted(unknown)} or missing mode/eps/mean/std")
         return cls(**state)
 
     def __repr__(self) -> str:
         return (f"ShowerPreprocessor(mode={self.mode!r}, eps={self.eps:g}, mean={self.mean:.4f}, "
-                f"std={self.std:.4f}, noise_cut={self.noise_cut:g})")
+                f"std={self.std:.4f}, noise_cut={self.noise_cut:g}, floor={self.floor})")
 
 
 class RunningStats:
@@ -343,10 +366,15 @@ class ModelSpace:
     """Everything between a batch of MeV showers and a model's inputs, and back: the shower transform and,
     for the energy-factorised variant, the profile transform. Built from a CaloDiT config (``from_config``)."""
 
-    def __init__(self, shower: ShowerPreprocessor, profile: ProfilePreprocessor | None = None):
+    def __init__(self, shower: ShowerPreprocessor, profile: ProfilePreprocessor | None = None,
+                 thresholds: Mapping[int, float] | None = None):
         if shower.mode == "layer" and profile is None:
             raise ValueError("the 'layer' shower transform needs the profile transform (the factorised variant)")
+        if shower.floor is not None and not thresholds:
+            raise ValueError("a preprocessing floor relative to the threshold needs the geometries' thresholds")
         self.shower, self.profile = shower, profile
+        self.thresholds = {int(k): float(v) for k, v in (thresholds or {}).items()}  # slot -> MeV
+        self._table: dict = {}
 
     @classmethod
     def from_config(cls, config) -> ModelSpace:
@@ -357,7 +385,21 @@ class ModelSpace:
             if not config.profile_preprocessing:
                 raise ValueError("factorised model config has no profile_preprocessing statistics")
             profile = ProfilePreprocessor.from_dict(config.profile_preprocessing)
-        return cls(ShowerPreprocessor.from_dict(config.preprocessing), profile)
+        thresholds = {config.geometry_slots[g]: t for g, t in config.geometry_thresholds.items()
+                      if g in config.geometry_slots}
+        return cls(ShowerPreprocessor.from_dict(config.preprocessing), profile, thresholds)
+
+    def threshold(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """Readout threshold (MeV) per row for geometry slots (B,), on their device (None without a floor)."""
+        if self.shower.floor is None:
+            return None
+        key = str(slots.device)
+        if key not in self._table:
+            table = torch.full((max(self.thresholds) + 1,), math.nan, dtype=torch.float64)
+            for slot, thr in self.thresholds.items():
+                table[slot] = thr
+            self._table[key] = table.to(slots.device)
+        return self._table[key][slots]
 
     @property
     def factorised(self) -> bool:
@@ -373,4 +415,5 @@ class ModelSpace:
             layers = showers.sum(dim=(1, 2), dtype=torch.float64)
             cond["profile"] = self.profile(layers, energy.double(), cond["geometry"], check=check).float()
             cond["layer_energy"] = layers.float()
-        return self.shower.forward(showers, energy, check=check), cond
+        threshold = self.threshold(cond["geometry"])
+        return self.shower.forward(showers, energy, check=check, threshold=threshold), cond

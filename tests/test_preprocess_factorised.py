@@ -177,3 +177,48 @@ def test_model_space_inputs_of_both_variants():
         preset_config("tiny", variant="factorised", preprocessing=layer.state_dict(),
                       profile_preprocessing=profile.state_dict(), geometry_slots={"a": 0, "b": 3})
     assert math.isclose(ModelSpace.from_config(config).profile.eps, profile.eps)
+
+
+def test_threshold_floor_sits_at_a_fixed_fraction_of_the_readout_threshold():
+    x, energy = showers()
+    thr = torch.tensor([0.5, 0.5, 1e-3, 1e-3, 0.1, 0.1], dtype=torch.float64)  # MeV, per shower
+    x = torch.where(x >= thr.reshape(-1, 1, 1, 1), x, torch.zeros_like(x))  # as read out
+    pre = ShowerPreprocessor(mode="layer", floor=0.3).fit([{"showers": x, "energy": energy, "threshold": thr}])
+    layers = x.sum(dim=(1, 2))
+    y = pre.forward(x, energy, threshold=thr)
+    # an empty cell sits at log(0.3 thr / E_layer): the same distance below a threshold-sized hit everywhere
+    unit = layers[:, None, None, :]
+    empty = (torch.log(0.3 * thr.reshape(-1, 1, 1, 1) / unit) - pre.mean) / pre.std
+    at_threshold = (torch.log(1.3 * thr.reshape(-1, 1, 1, 1) / unit) - pre.mean) / pre.std
+    zero = (x == 0) & (layers[:, None, None, :] > 0)
+    torch.testing.assert_close(y[zero], empty.expand_as(y)[zero])
+    gap = ((at_threshold - empty) * pre.std)[..., :40]  # layers 40-44 are empty: no unit
+    torch.testing.assert_close(gap, torch.full_like(gap, math.log(1.3 / 0.3)))
+    back = pre.inverse(y, energy, threshold=thr, layers=layers)
+    torch.testing.assert_close(back, x, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="threshold"):
+        pre.forward(x, energy)
+    with pytest.raises(ValueError, match="floor"):
+        ShowerPreprocessor(floor=0.0)
+    state = pre.state_dict()
+    assert ShowerPreprocessor.from_dict(state).floor == 0.3
+    old = {k: v for k, v in state.items() if k != "floor"} | {"version": 2}  # written before the floor existed
+    assert ShowerPreprocessor.from_dict(old).floor is None
+
+
+def test_model_space_takes_each_rows_threshold_from_its_geometry():
+    x, energy = showers(batch=4)
+    thr = {0: 5e-4, 2: 0.1}
+    slots = torch.tensor([0, 2, 0, 2])
+    rows = torch.tensor([thr[int(s)] for s in slots], dtype=torch.float64)
+    x = torch.where(x >= rows.reshape(-1, 1, 1, 1), x, torch.zeros_like(x))
+    pre = ShowerPreprocessor(mode="layer", floor=0.3).fit([{"showers": x, "energy": energy, "threshold": rows}])
+    profile = ProfilePreprocessor().fit([("a", 0, x.sum((1, 2)), energy), ("b", 2, x.sum((1, 2)), energy)])
+    space = ModelSpace(pre, profile, thr)
+    batch = {"showers": x.float(), "energy": energy.float(), "phi": torch.zeros(4), "theta": torch.ones(4),
+             "geometry": slots}
+    xs, cond = space.inputs(batch, "cpu")
+    torch.testing.assert_close(xs.double(), pre.forward(x, energy, threshold=rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond["layer_energy"].double(), x.sum((1, 2)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="thresholds"):
+        ModelSpace(pre, profile)

@@ -128,12 +128,16 @@ class PreprocessConfig(Validated):
     mode: Literal["fraction", "absolute", "layer"] | None = None
     eps: float | None = None  # default 1e-6 (fraction, layer) or 1e-3 MeV (absolute)
     noise_cut: float = 2.0  # generated cells below noise_cut * eps * unit are set to 0
+    # empty-cell floor as a fraction of the readout threshold (instead of eps x unit); default: none (single),
+    # 0.3 (factorised), see docs/fidelity.md
+    floor: float | None = None
     profile_eps: float = 1e-6  # factorised: floor of the layer shares E_z / E_tot
     profile_noise_cut: float = 1.0  # factorised: sampled shares below profile_noise_cut * profile_eps -> 0
 
     def validate(self) -> None:
         check_float("preprocess.eps", self.eps, 0.0, low_open=True, optional=True)
         check_float("preprocess.noise_cut", self.noise_cut, 0.0)
+        check_float("preprocess.floor", self.floor, 0.0, 100.0, low_open=True, optional=True)
         check_float("preprocess.profile_eps", self.profile_eps, 0.0, 1.0, low_open=True, high_open=True)
         check_float("preprocess.profile_noise_cut", self.profile_noise_cut, 0.0)
 

@@ -110,7 +110,8 @@ def _stat_batches(data: ShowerDataset, samples_per_file: int, batch: int = 500):
         for start in range(0, n, batch):
             rows = np.arange(offset + start, offset + min(start + batch, n))
             b = data.__getitems__(rows)
-            yield data.sources[k].geometry.name, {"showers": b["showers"], "energy": b["energy"]}
+            geometry = data.sources[k].geometry
+            yield geometry.name, {"showers": b["showers"], "energy": b["energy"], "threshold": geometry.card.threshold}
 
 
 def fit_preprocessor(

@@ -45,16 +45,18 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
                 net.config.profile_preprocessing = space.profile.state_dict()
             # trained further on these geometries only: it no longer generates the others as the base did
             net.config.keep_geometries(data.geometries)
-            return net, space
+            return net, ModelSpace.from_config(net.config)
         p = cfg.preprocess
         factorised = m.variant == "factorised"
         mode = p.mode or ("layer" if factorised else "fraction")
-        pre = fit_preprocessor(data.train, stats_n, ShowerPreprocessor(mode=mode, eps=p.eps, noise_cut=p.noise_cut))
+        pre = fit_preprocessor(data.train, stats_n, ShowerPreprocessor(mode=mode, eps=p.eps, noise_cut=p.noise_cut,
+                                                                       floor=p.floor))
         profile = None
         if factorised:
             profile = fit_profile(data.train, stats_n, slots,
                                   ProfilePreprocessor(eps=p.profile_eps, noise_cut=p.profile_noise_cut))
-        space = ModelSpace(pre, profile)  # checks that mode and variant go together
+        # checks that mode and variant go together
+        space = ModelSpace(pre, profile, {slots[n]: t for n, t in thresholds.items()})
         overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_hidden_layers", m.num_hidden_layers),
                                        ("num_attention_heads", m.num_attention_heads),
                                        ("cond_dropout", m.cond_dropout), ("P_mean", m.P_mean),
