@@ -130,7 +130,7 @@ def adapt(base, cache, out, *extra) -> int:
 
 def test_lora_adapts_both_parts_and_records_the_new_profile(tmp_path, base, cache):
     out = tmp_path / "lora"
-    assert adapt(base, cache, out, "--rank", "4") == 0
+    assert adapt(base, cache, out, "--rank", "4", "--merge") == 0
     info = json.loads((out / "model" / ADAPTER_FILE).read_text())
     assert info["profile"]["slot"] == info["slot"] and len(info["profile"]["mean"]) == 46
     from safetensors.torch import load_file
@@ -141,8 +141,17 @@ def test_lora_adapts_both_parts_and_records_the_new_profile(tmp_path, base, cach
     net = load_adapted(out / "model")
     assert net.config.profile_preprocessing["stats"]["allegro"]["slot"] == info["slot"]
     gen = calofm.load(out / "model", device="cpu")
-    s = gen.sample(geometry="allegro", energy_gev=[10.0, 30.0], phi=0.0, theta=1.5, steps=2, seed=1)
+    kw = dict(energy_gev=[10.0, 30.0], phi=0.0, theta=1.5, steps=2, seed=1)
+    s = gen.sample(geometry="allegro", **kw)
     assert s.shape == (2, 9, 16, 45) and np.isfinite(s).all() and (s.sum(axis=(1, 2, 3)) > 0).all()
+    # base geometries through the adapter folder are exactly the base model (energy model included)
+    base_gen = calofm.load(base, device="cpu")
+    np.testing.assert_array_equal(gen.sample(geometry="ild", **kw), base_gen.sample(geometry="ild", **kw))
+    # the merged model generates the new geometry like the adapter, and only it
+    merged = calofm.load(out / "merged", device="cpu")
+    np.testing.assert_allclose(merged.sample(geometry="allegro", **kw), s, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="ild"):
+        merged.sample(geometry="ild", **kw)
 
 
 @pytest.mark.parametrize("extra", [["--method", "full"], ["--from-scratch"]])

@@ -159,9 +159,11 @@ def _launch(cfg: dict, tmp_path: Path, procs: int) -> Path:
     return Path(cfg["output_dir"])
 
 
-def test_two_processes_match_one_process(tmp_path, cache):
-    one = _launch(tiny_config(tmp_path / "one", cache, steps=6, val_every=6), tmp_path, 1)
-    two = _launch(tiny_config(tmp_path / "two", cache, steps=6, val_every=6), tmp_path, 2)
+@pytest.mark.parametrize("variant", ["single", "factorised"])
+def test_two_processes_match_one_process(tmp_path, cache, variant):
+    kw = {"steps": 6, "val_every": 6, "model.variant": variant}
+    one = _launch(tiny_config(tmp_path / "one", cache, **kw), tmp_path, 1)
+    two = _launch(tiny_config(tmp_path / "two", cache, **kw), tmp_path, 2)
     recs = read_metrics(two / "logs" / "metrics.jsonl")
     assert json.loads((two / "logs" / "metrics.jsonl").read_text().splitlines()[0])["config"]["world"] == 2
     assert len([r for r in recs if "loss" in r]) == 6
