@@ -53,7 +53,7 @@ class ShowerPreprocessor:
         if floor is not None and not 0 < floor < math.inf:
             raise ValueError(f"preprocessing floor must be > 0 (a fraction of the readout threshold), got {floor}")
         self.mode, self.eps, self.mean, self.std, self.count = mode, eps, float(mean), float(std), int(count)
-        self.noise_cut = float(noise_cut)  # inverse: cells below noise_cut * eps * u are empty
+        self.noise_cut = float(noise_cut)  # inverse: cells below noise_cut x the floor (eps u, or floor thr) -> 0
         # floor: the empty-cell floor is floor x the readout threshold (MeV) instead of eps x the unit, so it sits
         # at the same place relative to what the detector reads for every geometry, energy and layer
         self.floor = None if floor is None else float(floor)
@@ -118,7 +118,7 @@ class ShowerPreprocessor:
             # factorised: no cell holds more than its unit (layer energy, E_inc); also keeps exp() finite for any y
             log_rel = torch.minimum(log_rel, torch.log1p(torch.as_tensor(off, dtype=y.dtype, device=y.device)))
         rel = (torch.exp(log_rel) - off).clamp_min(0.0)  # x / unit
-        rel = torch.where(rel >= self.noise_cut * self.eps, rel, torch.zeros_like(rel))  # the noise cut
+        rel = torch.where(rel >= self.noise_cut * off, rel, torch.zeros_like(rel))  # noise cut: noise_cut x floor
         x = rel if self.mode == "layer" else rel * unit
         if layers is None:
             return torch.where(x >= threshold, x, torch.zeros_like(x))
