@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calofm.cards import card_attrs, same_card
 from calofm.cli import SEED, add_geometry_dir, int_in, parse_count, parse_range
-from calofm.training.saved import card_bytes, card_sha256, resolve  # noqa: F401 - resolve: this module's API
+from calofm.training.saved import resolve  # noqa: F401 - resolve: this module's API
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ShowerGenerator:
         stored = self.cards.get(name)
         if stored is None:
             return geometry or load_geometry(name, extra_dirs)
-        if given and card_sha256(geometry) != card_sha256(stored):
+        if given and not same_card(geometry, stored):
             raise ValueError(f"{name_or_card}: differs from the card of '{name}' stored with the model "
                              f"({stored.source}); leave the card out to use the model's")
         return stored
@@ -300,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
     attrs = FileAttrs(geometry=geometry.name, particle=geometry.card.particle, mesh_dr=geometry.mesh.dr,
                       mesh_dz=geometry.mesh.dz, generator=f"calofm-generate:{args.model}", seed=args.seed,
                       extra={"gen_steps": args.steps, "gen_sampler": args.sampler, "gen_cell_cap": args.cell_cap,
-                             "geometry_card": card_bytes(geometry).decode(),
-                             "geometry_card_sha256": card_sha256(geometry)})
+                             **card_attrs(geometry, always=True)})
     new_dirs = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
     try:
         write(gen, geometry, cond, out, attrs, args)

@@ -13,6 +13,7 @@ from the user. Every check here raises ``ShowerFileError`` with one line naming 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from contextlib import contextmanager
@@ -245,31 +246,64 @@ def check_geometry(path: str | Path, attrs: FileAttrs, geometry) -> None:
             )
 
 
+def stored_card(path: str | Path, attrs: FileAttrs):
+    """The geometry card a file carries (``calofm.cards``), checked against its recorded sha256; None if none."""
+    from calofm.cards import CARD_ATTR, CARD_SHA_ATTR, card_from_text
+    from calofm.geometry import GeometryError
+
+    text, digest = attrs.extra.get(CARD_ATTR), attrs.extra.get(CARD_SHA_ATTR)
+    if text is None and digest is None:
+        return None
+    if not isinstance(text, str) or not isinstance(digest, str):
+        raise ShowerFileError(path, f"attributes {CARD_ATTR} and {CARD_SHA_ATTR} must both be text")
+    if hashlib.sha256(text.encode()).hexdigest() != digest:
+        raise ShowerFileError(path, "its stored geometry card does not match the sha256 recorded with it "
+                                    "(damaged or modified)")
+    try:
+        card = card_from_text(text, "stored geometry card")
+    except GeometryError as err:
+        raise ShowerFileError(path, f"its {err}") from None
+    if card.name != attrs.geometry:
+        raise ShowerFileError(path, f"its stored geometry card is for '{card.name}', but the file records "
+                                    f"geometry {attrs.geometry!r}")
+    return card
+
+
 def file_geometry(path: str | Path, attrs: FileAttrs, geometry=None, geometry_dirs=None):
     """The geometry of a file, checked against its recorded name and cell sizes: ``(Geometry or None, note)``.
 
-    The one geometry check every command runs on a shower file. ``geometry`` (a name or ``Geometry``) is
-    what the user asked for; without it the recorded geometry's card (built in, ``geometry_dirs`` or
-    $CALOFM_GEOMETRY_DIR) is checked, and a recorded geometry without a card is said in ``note``.
+    The one geometry check every command runs on a shower file. ``geometry`` (a name, a card path or a
+    ``Geometry``) is what the user asked for; without it the recorded geometry's card is found by name (built in,
+    ``geometry_dirs`` or $CALOFM_GEOMETRY_DIR), else the card stored in the file is used. A card found either way
+    must agree with the file's stored card (``calofm.cards.same_card``); a recorded geometry without any card is
+    said in ``note``.
     """
+    from calofm.cards import same_card
     from calofm.geometry import available_geometries, load_geometry
 
+    stored = stored_card(path, attrs)
     if geometry is not None:
         geo = load_geometry(geometry, geometry_dirs)
     elif attrs.geometry is None:
         return None, ""
     elif attrs.geometry in available_geometries(geometry_dirs):
         geo = load_geometry(attrs.geometry, geometry_dirs)
+    elif stored is not None:
+        geo = stored
     else:
         return None, f"no card for geometry '{attrs.geometry}' here: cell sizes not checked (see --geometry-dir)"
     check_geometry(path, attrs, geo)
-    return geo, ""
+    if stored is not None and not same_card(geo, stored):
+        other = geo.source or "the card given"
+        raise ShowerFileError(path, f"its stored card of geometry '{geo.name}' differs from {other}; give the card "
+                                    "the file was made with (--geometry CARD.yaml)")
+    return geo, "geometry card: stored in the file" if geo is stored else ""
 
 
 def check_file(f: h5py.File, path: Path, geometry=None, geometry_dirs=None):
     """Every check of an open native file that needs no shower values, shared by every command:
     keys, shapes, dtypes, lengths, N > 0, rows actually written, the mesh, and the geometry (asked for or
-    recorded) against its card. Returns ``(n, attrs, Geometry or None, note)``."""
+    recorded) against its card and the card the file carries. Returns ``(n, attrs, Geometry or None, note)``."""
     with h5_errors(path):
         n = check_structure(f, path)
         check_complete(f, path, n)

@@ -26,6 +26,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from calofm.cards import card_bytes
 from calofm.config import to_dict
 from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
 from calofm.diffusion import EDM_DEFAULTS, edm_constant
@@ -36,7 +37,7 @@ from calofm.training.checkpoint import GracefulStop, checkpoints, load_latest, s
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, prepare_data
 from calofm.training.objective import DiffusionObjective, step_noise
-from calofm.training.saved import CARDS_DIR, card_bytes
+from calofm.training.saved import CARDS_DIR
 from calofm.training.tracking import trackers, trim_metrics
 
 log = logging.getLogger(__name__)
