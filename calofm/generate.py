@@ -276,21 +276,30 @@ def conditions(args, geometry) -> dict[str, np.ndarray]:
             "incident_phi": c["phi"].astype(np.float32), "incident_theta": c["theta"].astype(np.float32)}
 
 
-def check_output(out: Path, args) -> None:
-    if out.is_dir():
-        raise ValueError(f"{out}: is a folder; --out is the .h5 file to write")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: exists already (use --overwrite)")
-    if args.like and out.exists() and out.resolve() == Path(args.like).resolve():
-        raise ValueError(f"{out}: is the --like input; write the generated showers to another file")
+def inputs_of(args) -> list[Path]:
+    """What generate reads that exists here: the --like file, a card given as a path, the model folder and an
+    adapter's base folder. The output may be none of them and lie inside none of them."""
+    from calofm.training.adapter import ADAPTER_FILE, base_of
+    from calofm.training.integrity import read_json
+
+    card = args.geometry if args.geometry.endswith((".yaml", ".yml")) else None
+    paths = [Path(p) for p in (args.like, card) if p and Path(p).exists()]
+    model = Path(args.model).expanduser()
+    if model.is_dir():
+        paths.append(model)
+        if (model / ADAPTER_FILE).is_file():
+            with contextlib.suppress(ValueError):  # a damaged adapter is reported when it loads
+                base = Path(base_of(model, read_json(model / ADAPTER_FILE)))
+                paths += [base] if base.is_dir() else []
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
     from calofm.data.format import FileAttrs
-    from calofm.data.io import partial_path
+    from calofm.data.output import Staging, check_output
 
-    out = Path(args.out)
-    check_output(out, args)
+    inputs = inputs_of(args)
+    out = check_output(Path(args.out), inputs, args.overwrite)  # not onto or into an input, nor over a file
     check_ranges(args)
     gen = load(args.model, device=args.device)
     geometry = gen.geometry(args.geometry, args.geometry_dir)  # the model's own card first
@@ -302,22 +311,18 @@ def run(args: argparse.Namespace) -> int:
                       mesh_dz=geometry.mesh.dz, generator=f"calofm-generate:{args.model}", seed=args.seed,
                       extra={"gen_steps": args.steps, "gen_sampler": args.sampler, "gen_cell_cap": args.cell_cap,
                              **card_attrs(geometry, always=True)})
-    new_dirs = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
-    try:
-        write(gen, geometry, cond, out, attrs, args)
-    except BaseException:  # error or Ctrl-C: no half-written file and no folder this run created
-        partial_path(out).unlink(missing_ok=True)
-        for d in new_dirs:
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only if empty
-        raise
+    # written into a temporary folder beside the output and moved into place when complete: an error or Ctrl-C
+    # leaves no partial file and no folder this run created, and an existing output as it was
+    with Staging(out.parent, out.name, inputs=inputs) as staging:
+        write(gen, geometry, cond, staging.tmp / out.name, attrs, args)
+        staging.place(staging.tmp / out.name, out)
     nfe = 2 * args.steps - 1 if args.sampler == "heun" else args.steps
     print(f"wrote {n} showers for {geometry.name} to {out} ({args.sampler}, {args.steps} steps, {nfe} NFE)")
     return 0
 
 
 def write(gen: ShowerGenerator, geometry, cond: dict, out: Path, attrs, args) -> None:
-    """Batch by batch into ``<out>.partial``, renamed to ``out`` only when every shower is written."""
+    """Batch by batch into ``out``, with a progress bar."""
     from tqdm.auto import tqdm
 
     from calofm.data.io import ShowerWriter

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from bad_files import good_file
 from conftest import random_showers
 from train_helpers import reset_accelerate, run, tiny_config
 
@@ -132,6 +133,31 @@ def test_adapt_data_a_bad_file(case, tmp_path, base, cache, capsys):
     line = error_line(capsys, "adapt")
     assert str(bad) in line and problem.replace("geometry mismatch", "mismatch") in line, line
     assert not out.exists() and [digest(p) for p in (good, bad, base)] == before
+
+
+def onto_inputs(tmp: Path, like: Path, model: Path, base: Path) -> dict[str, tuple[Path, str]]:
+    """--out paths that are an input or inside one (relative, through a symlink) -> what the error says."""
+    (tmp / "link.h5").symlink_to(like)
+    (tmp / "sub").mkdir()
+    return {"like": (like, "is the input"), "like-relative": (tmp / "sub" / ".." / like.name, "is the input"),
+            "like-symlink": (tmp / "link.h5", "is the input"), "model": (model, "is the input"),
+            "in-model": (model / "gen.h5", "is inside the input folder"),
+            "in-base": (base / "gen.h5", "is inside the input folder")}
+
+
+@pytest.mark.parametrize("case", ["like", "like-relative", "like-symlink", "model", "in-model", "in-base"])
+def test_generate_never_writes_onto_or_into_an_input(case, tmp_path, base, adapter, capsys):
+    like = good_file(tmp_path / "x.h5")
+    model = tmp_path / "adapter"
+    shutil.copytree(adapter, model)
+    _set_info(model, base_path=str(Path(base).resolve()), base_relative=None)
+    out, problem = onto_inputs(tmp_path, like, model, base)[case]
+    before = [digest(p) for p in (like, model, base)]
+    assert cli(["generate", "--model", str(model), "--geometry", "par04_siw", "--like", str(like), "--steps", "1",
+                "--out", str(out), "--overwrite"]) == 2
+    line = error_line(capsys, "generate")
+    assert line.startswith(f"calofm generate: error: {out}: {problem}"), line
+    assert [digest(p) for p in (like, model, base)] == before and not (model / "gen.h5").exists()
 
 
 @pytest.mark.parametrize("args, option", [
