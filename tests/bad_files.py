@@ -263,10 +263,13 @@ def make_bad_parquet(folder: Path) -> dict[str, BadFile]:
 # ----------------------------------------------------------------------------------------------
 
 
-def checksums(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder`` -> sha256 of its bytes ("dir" for folders): inputs must not change."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(Path(folder).rglob("*"))}
+def checksums(path: Path) -> dict[str, str]:
+    """Every entry under the folder ``path`` (or the file ``path`` itself) -> sha256 of its bytes ("dir" for
+    folders): inputs must not change."""
+    path = Path(path)
+    entries = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in entries}
 
 
 def assert_one_error_line(stderr: str, command: str, bad: BadFile) -> str:
