@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from calofm.cards import card_attrs, same_card
-from calofm.cli import SEED, add_geometry_dir, int_in, parse_count, parse_range
+from calofm.cli import SEED, add_geometry_dir, int_in, parse_count, parse_range, torch_device
 from calofm.training.saved import resolve  # noqa: F401 - resolve: this module's API
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="heun")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256)
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=torch_device, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network precision (autocast)")
     p.add_argument("--no-cell-cap", dest="cell_cap", action="store_false",
                    help="do not cap cells at the brightest cell (fraction of E_inc) of the training data")
@@ -289,8 +289,9 @@ def inputs_of(args) -> list[Path]:
         paths.append(model)
         if (model / ADAPTER_FILE).is_file():
             with contextlib.suppress(ValueError):  # a damaged adapter is reported when it loads
-                base = Path(base_of(model, read_json(model / ADAPTER_FILE)))
-                paths += [base] if base.is_dir() else []
+                info = read_json(model / ADAPTER_FILE)
+                base = base_of(model, info) if isinstance(info.get("base"), str) else None
+                paths += [Path(base)] if base and Path(base).is_dir() else []
     return paths
 
 

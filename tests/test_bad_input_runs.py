@@ -189,7 +189,17 @@ ADAPTER_DAMAGE = {
     "broken_info_json": (lambda a: (a / "calofm_adapter.json").write_text("[1,"), "calofm_adapter.json: not valid"),
     "info_without_slot": (lambda a: _set_info(a, slot=None), "calofm_adapter.json: missing entry 'slot'"),
     "card_changed": (lambda a: (a / "geometries" / "allegro.yaml").write_text("name: allegro\n"), "does not match"),
+    # wrong types that peft or calofm used unchecked (TypeError / IndexError tracebacks before)
+    "rank_text": (lambda a: _set_json(a / "adapter_config.json", r="8"), "adapter_config.json: does not fit its base"),
+    "token_beyond": (lambda a: _set_json(a / "adapter_config.json", trainable_token_indices={"geometry_embed": [99]}),
+                     "adapter_config.json: does not fit its base (index 99 is out of bounds"),
+    "base_path_number": (lambda a: _set_info(a, base_path=5), "calofm_adapter.json: entry 'base_path' = 5 has the wr"),
+    "cell_max_text": (lambda a: _set_info(a, cell_max="x"), "calofm_adapter.json: entry 'cell_max' = 'x' has the wron"),
 }
+
+
+def _set_json(path: Path, **change):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
 
 
 def _set_info(adapter: Path, **change):

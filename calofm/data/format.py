@@ -87,7 +87,7 @@ class FileAttrs:
             geometry=get("geometry"),
             particle=get("particle"),
             energy_scale=get("energy_scale") or "visible",
-            mesh_shape=tuple(int(v) for v in shape) if shape is not None else MESH_SHAPE,
+            mesh_shape=tuple(np.ravel(shape).tolist()) if shape is not None else MESH_SHAPE,  # checked by check_attrs
             mesh_dr=get("mesh_dr"),
             mesh_dz=get("mesh_dz"),
             generator=get("generator"),
@@ -246,6 +246,33 @@ def check_geometry(path: str | Path, attrs: FileAttrs, geometry) -> None:
             )
 
 
+def check_attrs(path: str | Path, attrs: FileAttrs) -> None:
+    """calofm's attributes, where present, have the types and values calofm writes (files from other tools
+    have none of them)."""
+    for name in ("geometry", "particle"):
+        value = getattr(attrs, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ShowerFileError(path, f"attribute {name} = {_short(value)} is not a name")
+    if attrs.energy_scale not in ENERGY_SCALES:
+        raise ShowerFileError(path, f"attribute energy_scale = {_short(attrs.energy_scale)} is not one of "
+                                    f"{', '.join(ENERGY_SCALES)}")
+    for name in ("mesh_dr", "mesh_dz"):
+        value = getattr(attrs, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or value <= 0):
+            raise ShowerFileError(path, f"attribute {name} = {_short(value)} is not a cell size > 0 mm")
+    if attrs.mesh_shape != MESH_SHAPE:
+        raise ShowerFileError(path, f"attribute mesh_shape = {_short(list(attrs.mesh_shape))} but the showers "
+                                    f"are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
+    if not isinstance(attrs.extra, dict):
+        raise ShowerFileError(path, f"the extra attributes must be a mapping, not {_short(attrs.extra)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def stored_card(path: str | Path, attrs: FileAttrs):
     """The geometry card a file carries (``calofm.cards``), checked against its recorded sha256; None if none."""
     from calofm.cards import CARD_ATTR, CARD_SHA_ATTR, card_from_text
@@ -302,15 +329,13 @@ def file_geometry(path: str | Path, attrs: FileAttrs, geometry=None, geometry_di
 
 def check_file(f: h5py.File, path: Path, geometry=None, geometry_dirs=None):
     """Every check of an open native file that needs no shower values, shared by every command:
-    keys, shapes, dtypes, lengths, N > 0, rows actually written, the mesh, and the geometry (asked for or
+    keys, shapes, dtypes, lengths, N > 0, rows actually written, the attributes, and the geometry (asked for or
     recorded) against its card and the card the file carries. Returns ``(n, attrs, Geometry or None, note)``."""
     with h5_errors(path):
         n = check_structure(f, path)
         check_complete(f, path, n)
         attrs = FileAttrs.from_h5(f.attrs)
-    if tuple(attrs.mesh_shape) != MESH_SHAPE:
-        raise ShowerFileError(path, f"attribute mesh_shape = {list(attrs.mesh_shape)} but the "
-                                    f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
+    check_attrs(path, attrs)
     geo, note = file_geometry(path, attrs, geometry, geometry_dirs)
     return n, attrs, geo, note
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from calofm.data.format import ENERGY, PHI, SHOWERS, THETA, FileAttrs, ShowerFileError, check_values
+from calofm.data.format import ENERGY, PHI, SHOWERS, THETA, FileAttrs, ShowerFileError, check_attrs, check_values
 from calofm.data.io import ShowerFile, ShowerWriter, progress_disabled
 from calofm.data.output import check_interrupted
 from calofm.geometry import MESH_SHAPE
@@ -108,6 +108,7 @@ def open_parquet(src: str | Path, geometry: str | None = None) -> ParquetSource:
         )
     except (TypeError, AttributeError) as err:
         raise ShowerFileError(src / META, f"unexpected attributes ({err})") from None
+    check_attrs(src / META, attrs)
     return ParquetSource(files, paths, n, attrs)
 
 
