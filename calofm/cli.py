@@ -13,6 +13,8 @@ import math
 import re
 import sys
 
+from calofm.config import first_line
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "geometries": ("calofm.commands.geometries", "list the detector geometries and their key numbers"),
@@ -117,8 +119,7 @@ def torch_device(text: str) -> str:
             raise RuntimeError("it holds no data")
         torch.empty(1, device=device).item()
     except (RuntimeError, AssertionError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise argparse.ArgumentTypeError(f"'{text}' is not usable on this machine ({reason})") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not usable on this machine ({first_line(err)})") from None
     return text
 
 
@@ -187,8 +188,7 @@ def run_reporting_errors(prog: str, fn, traceback: bool = False) -> int:
     except (ValueError, OSError, KeyError) as err:
         if traceback:
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,12 @@ import yaml
 T = TypeVar("T")
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line (its first), or its type when it has none: for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 

@@ -24,6 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from calofm.config import first_line
 from calofm.geometry import MESH_SHAPE
 
 FORMAT_VERSION = "1"
@@ -110,7 +111,7 @@ def h5_errors(path: str | Path, what: str = "read"):
     except ShowerFileError:
         raise
     except (OSError, RuntimeError, KeyError, ValueError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = first_line(err)
         if what == "write":
             raise ShowerFileError(path, f"write failed ({msg})") from None
         raise ShowerFileError(path, f"{what} failed, file truncated or corrupt? ({msg})") from None
@@ -132,7 +133,7 @@ def open_h5(path: str | Path, mode: str = "r", **kwargs) -> h5py.File:
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as err:
-        msg = str(err).split("\n")[0]
+        msg = first_line(err)
         if not reading:
             reason = "permission denied" if not os.access(path.parent, os.W_OK) else msg
             raise ShowerFileError(path, f"cannot create the file ({reason})") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from calofm.config import first_line
 from calofm.data.format import ENERGY, PHI, SHOWERS, THETA, FileAttrs, ShowerFileError, check_attrs, check_values
 from calofm.data.io import ShowerFile, ShowerWriter, progress_disabled
 from calofm.data.output import check_interrupted
@@ -47,8 +48,7 @@ def arrow_errors(path: Path, what: str = "not a readable Parquet file"):
     except ShowerFileError:
         raise
     except (pa.ArrowException, OSError, ValueError, TypeError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ShowerFileError(path, f"{what} ({msg})") from None
+        raise ShowerFileError(path, f"{what} ({first_line(err)})") from None
 
 
 def parquet_files(src: str | Path) -> list[Path]:

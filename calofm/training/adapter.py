@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calofm.config import first_line
+from calofm.data.output import atomic_folder
 from calofm.geometry import MESH_SHAPE, Geometry
 from calofm.training.integrity import (
     DamagedError,
-    atomic_folder,
-    first_line,
     read_json,
     sha256_file,
     verify_manifest,

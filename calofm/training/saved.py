@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from calofm.cards import card_bytes
+from calofm.config import first_line
+from calofm.data.output import atomic_folder
 from calofm.geometry import Geometry, load_geometry_file
 from calofm.training.integrity import (
     DamagedError,
-    atomic_folder,
-    first_line,
     read_json,
     sha256_file,
     verify_manifest,
