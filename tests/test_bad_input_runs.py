@@ -90,6 +90,22 @@ def test_adapt_data_a_bad_file(case, bad, tmp_path, base, cache, capsys):
                               str(tmp_path / "run")], files[case], [folder, base], tmp_path)
 
 
+@pytest.mark.parametrize("where, problem", [("base", "is the input"), ("in-base", "is inside the input folder"),
+                                            ("around-base", "holds the input"), ("around-data", "holds the input")])
+def test_adapt_never_writes_onto_into_or_around_an_input(where, problem, tmp_path, base, cache, capsys):
+    model = tmp_path / "pretrain" / "model"
+    shutil.copytree(base, model)
+    (tmp_path / "data").mkdir()
+    data = good_file(tmp_path / "data" / "siw.h5", n=40)
+    out = {"base": model, "in-base": model / "adapted", "around-base": model.parent, "around-data": data.parent}
+    before = checksums(tmp_path)
+    reset_accelerate()
+    assert cli(["adapt", "--geometry", "par04_siw", "--base", str(model), "--data", str(data), "--steps", "1",
+                "--cache-dir", str(cache), "--out", str(out[where])]) == 2
+    assert error_line(capsys, "adapt").startswith(f"calofm adapt: error: {out[where]}: {problem}")
+    assert checksums(tmp_path) == before
+
+
 def onto_inputs(tmp: Path, like: Path, model: Path, base: Path) -> dict[str, tuple[Path, str]]:
     """--out paths that are an input or inside one (relative, through a symlink) -> what the error says."""
     (tmp / "link.h5").symlink_to(like)

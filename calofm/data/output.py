@@ -34,8 +34,9 @@ def _real(path: str | Path) -> Path:
 
 
 def check_output(dst: str | Path, inputs=(), overwrite: bool = False, kind: str = "file") -> Path:
-    """Check that ``dst`` may be written; ``kind`` is ``file``, ``parquet`` (a folder replaced as a whole) or
-    ``report`` (a folder whose files are added or replaced). Returns ``dst`` as a Path."""
+    """Check that ``dst`` may be written; ``kind`` is ``file``, ``parquet`` (a folder replaced as a whole),
+    ``report`` (a folder whose files are added or replaced) or ``run`` (a training run folder: it may exist, to
+    resume, but holds no input). Returns ``dst`` as a Path."""
     dst = Path(dst)
     real = _real(dst)
     for src in inputs:

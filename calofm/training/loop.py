@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from calofm.cards import card_bytes
 from calofm.config import to_dict
 from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
+from calofm.data.output import check_output
 from calofm.diffusion import EDM_DEFAULTS, edm_constant
 from calofm.ema import EMA
 from calofm.geometry import Geometry
@@ -128,6 +129,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     """
     cfg.validate()  # also after changes made in code since construction
     out = Path(cfg.output_dir)
+    check_output(out, run_inputs(cfg), kind="run")  # never onto, into or around the base model or a data file
     created = not out.exists()
     if (out / "model").exists() and not checkpoints(out / "checkpoints"):
         raise ValueError(f"{out / 'model'}: this run has finished already; use another output_dir")
@@ -145,6 +147,13 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
                 and not (out / "model").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable or usable in it: leave nothing behind
         raise
+
+
+def run_inputs(cfg: TrainConfig) -> list[Path]:
+    """What a run reads and must never write: the data files and a local base model (``init_from``)."""
+    files = [Path(f).expanduser() for src in cfg.data.sources for f in src.files]
+    base = Path(cfg.model.init_from).expanduser() if cfg.model.init_from else None
+    return files + ([base] if base is not None and base.is_dir() else [])
 
 
 def _train(cfg: TrainConfig, setup: Setup, acc: Accelerator, out: Path, stop: GracefulStop) -> Path | None:
