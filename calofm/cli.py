@@ -13,6 +13,8 @@ import math
 import re
 import sys
 
+from calofm.config import first_line
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "geometries": ("calofm.commands.geometries", "list the detector geometries and their key numbers"),
@@ -102,6 +104,25 @@ def _bounds(low, high, low_open: bool = False) -> str:
 SEED = int_in(0, 2**63 - 1)  # numpy and torch seeds: non-negative, fits int64
 
 
+def torch_device(text: str) -> str:
+    """argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...). Without this
+    check torch raises RuntimeError for an unknown name and AssertionError for CUDA on a CPU build, deep inside the
+    first tensor the command makes."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    try:
+        if device.type == "meta":
+            raise RuntimeError("it holds no data")
+        torch.empty(1, device=device).item()
+    except (RuntimeError, AssertionError) as err:
+        raise argparse.ArgumentTypeError(f"'{text}' is not usable on this machine ({first_line(err)})") from None
+    return text
+
+
 def add_geometry_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--geometry-dir", action="append", default=[], metavar="DIR",
                         help="extra folder of geometry YAML cards (also $CALOFM_GEOMETRY_DIR)")
@@ -153,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_reporting_errors(prog: str, fn, traceback: bool = False) -> int:
     """Exit code of ``fn()``; bad input (ValueError, OSError, KeyError) is one line on stderr and exit 2,
     Ctrl-C exit 130 (also a Ctrl-C that h5py swallowed, see ``calofm.data.output``). ``traceback=True``
-    re-raises instead (``-vv``)."""
+    re-raises instead (``-vv``). Anything else keeps its traceback on purpose: where a library raises
+    RuntimeError/TypeError on bad input (h5py on damaged files, torch on devices, peft on adapter configs),
+    the code that calls it turns that into a one-line error naming the file or option."""
     try:
         from calofm.data.output import catch_interrupts  # here, not at import: `calofm --help` stays light
 
@@ -165,8 +188,7 @@ def run_reporting_errors(prog: str, fn, traceback: bool = False) -> int:
     except (ValueError, OSError, KeyError) as err:
         if traceback:
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,12 @@ import yaml
 T = TypeVar("T")
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line (its first), or its type when it has none: for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
@@ -137,15 +143,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, where: str | Path) -> dict[str, Any]:
+    """A YAML mapping from text; errors start with ``where``."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({err})".replace("\n", " ")) from None
+        raise ConfigError(f"{where}: invalid YAML ({err})".replace("\n", " ")) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at top level")
+        raise ConfigError(f"{where}: expected a YAML mapping at top level")
     return data
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calofm.cli import SEED, add_geometry_dir, int_in, parse_count, parse_range
-from calofm.training.saved import card_bytes, card_sha256, resolve  # noqa: F401 - resolve: this module's API
+from calofm.cards import card_attrs, same_card
+from calofm.cli import SEED, add_geometry_dir, int_in, parse_count, parse_range, torch_device
+from calofm.training.saved import resolve  # noqa: F401 - resolve: this module's API
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ShowerGenerator:
         stored = self.cards.get(name)
         if stored is None:
             return geometry or load_geometry(name, extra_dirs)
-        if given and card_sha256(geometry) != card_sha256(stored):
+        if given and not same_card(geometry, stored):
             raise ValueError(f"{name_or_card}: differs from the card of '{name}' stored with the model "
                              f"({stored.source}); leave the card out to use the model's")
         return stored
@@ -229,7 +230,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="heun")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256)
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=torch_device, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network precision (autocast)")
     p.add_argument("--no-cell-cap", dest="cell_cap", action="store_false",
                    help="do not cap cells at the brightest cell (fraction of E_inc) of the training data")
@@ -275,21 +276,31 @@ def conditions(args, geometry) -> dict[str, np.ndarray]:
             "incident_phi": c["phi"].astype(np.float32), "incident_theta": c["theta"].astype(np.float32)}
 
 
-def check_output(out: Path, args) -> None:
-    if out.is_dir():
-        raise ValueError(f"{out}: is a folder; --out is the .h5 file to write")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: exists already (use --overwrite)")
-    if args.like and out.exists() and out.resolve() == Path(args.like).resolve():
-        raise ValueError(f"{out}: is the --like input; write the generated showers to another file")
+def inputs_of(args) -> list[Path]:
+    """What generate reads that exists here: the --like file, a card given as a path, the model folder and an
+    adapter's base folder. The output may be none of them and lie inside none of them."""
+    from calofm.training.adapter import ADAPTER_FILE, base_of
+    from calofm.training.integrity import read_json
+
+    card = args.geometry if args.geometry.endswith((".yaml", ".yml")) else None
+    paths = [Path(p) for p in (args.like, card) if p and Path(p).exists()]
+    model = Path(args.model).expanduser()
+    if model.is_dir():
+        paths.append(model)
+        if (model / ADAPTER_FILE).is_file():
+            with contextlib.suppress(ValueError):  # a damaged adapter is reported when it loads
+                info = read_json(model / ADAPTER_FILE)
+                base = base_of(model, info) if isinstance(info.get("base"), str) else None
+                paths += [Path(base)] if base and Path(base).is_dir() else []
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
     from calofm.data.format import FileAttrs
-    from calofm.data.io import partial_path
+    from calofm.data.output import Staging, check_output
 
-    out = Path(args.out)
-    check_output(out, args)
+    inputs = inputs_of(args)
+    out = check_output(Path(args.out), inputs, args.overwrite)  # not onto or into an input, nor over a file
     check_ranges(args)
     gen = load(args.model, device=args.device)
     geometry = gen.geometry(args.geometry, args.geometry_dir)  # the model's own card first
@@ -300,24 +311,19 @@ def run(args: argparse.Namespace) -> int:
     attrs = FileAttrs(geometry=geometry.name, particle=geometry.card.particle, mesh_dr=geometry.mesh.dr,
                       mesh_dz=geometry.mesh.dz, generator=f"calofm-generate:{args.model}", seed=args.seed,
                       extra={"gen_steps": args.steps, "gen_sampler": args.sampler, "gen_cell_cap": args.cell_cap,
-                             "geometry_card": card_bytes(geometry).decode(),
-                             "geometry_card_sha256": card_sha256(geometry)})
-    new_dirs = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
-    try:
-        write(gen, geometry, cond, out, attrs, args)
-    except BaseException:  # error or Ctrl-C: no half-written file and no folder this run created
-        partial_path(out).unlink(missing_ok=True)
-        for d in new_dirs:
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only if empty
-        raise
+                             **card_attrs(geometry, always=True)})
+    # written into a temporary folder beside the output and moved into place when complete: an error or Ctrl-C
+    # leaves no partial file and no folder this run created, and an existing output as it was
+    with Staging(out.parent, out.name, inputs=inputs) as staging:
+        write(gen, geometry, cond, staging.tmp / out.name, attrs, args)
+        staging.place(staging.tmp / out.name, out)
     nfe = 2 * args.steps - 1 if args.sampler == "heun" else args.steps
     print(f"wrote {n} showers for {geometry.name} to {out} ({args.sampler}, {args.steps} steps, {nfe} NFE)")
     return 0
 
 
 def write(gen: ShowerGenerator, geometry, cond: dict, out: Path, attrs, args) -> None:
-    """Batch by batch into ``<out>.partial``, renamed to ``out`` only when every shower is written."""
+    """Batch by batch into ``out``, with a progress bar."""
     from tqdm.auto import tqdm
 
     from calofm.data.io import ShowerWriter

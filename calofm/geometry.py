@@ -466,16 +466,19 @@ def search_path(extra: list[str | Path] | None = None) -> list[Path]:
     return dirs
 
 
+def geometry_from_data(data: dict, where: str | Path, source: Path | None = None) -> Geometry:
+    """A validated ``Geometry`` from a parsed card; errors start with ``where``."""
+    try:
+        return Geometry(from_dict(GeometryCard, data, where="geometry"), source=source)
+    except ConfigError as err:
+        raise GeometryError(f"{where}: {err}") from None
+
+
 def load_geometry_file(path: str | Path) -> Geometry:
     path = Path(path)
-    data = load_yaml(path)
-    try:
-        card = from_dict(GeometryCard, data, where="geometry")
-        geo = Geometry(card, source=path)
-    except ConfigError as err:
-        raise GeometryError(f"{path}: {err}") from None
-    if path.stem != card.name:
-        raise GeometryError(f"{path}: file name must match name '{card.name}'")
+    geo = geometry_from_data(load_yaml(path), path, source=path)
+    if path.stem != geo.name:
+        raise GeometryError(f"{path}: file name must match name '{geo.name}'")
     return geo
 
 

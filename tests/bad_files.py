@@ -150,6 +150,13 @@ NATIVE: dict[str, tuple[str, Callable[[Path], Path] | None, str]] = {
                     r"'showers' claims 200000 rows but only 1 of its 3125 HDF5 chunks were ever written"),
     "other-mesh": ("siw_7mm.h5", lambda p: good_file(p, attrs={**SIW, "mesh_dr": 7.0}),
                    r"mesh mismatch: file has dr = 7.0 mm, geometry 'par04_siw' has 4.65 mm"),
+    # calofm's attributes with the wrong type (these were TypeErrors with a traceback)
+    "attr-mesh-dr": ("attr_dr.h5", lambda p: good_file(p, attrs={**SIW, "mesh_dr": np.array([4.65, 4.65])}),
+                     r"attribute mesh_dr = array\(\[4\.65, 4\.65\]\) is not a cell size > 0 mm"),
+    "attr-mesh-shape": ("attr_shape.h5", lambda p: good_file(p, attrs={**SIW, "mesh_shape": 6480}),
+                        r"attribute mesh_shape = \[6480\] but the showers are on the 9x16x45 mesh"),
+    "attr-geometry": ("attr_geometry.h5", lambda p: good_file(p, attrs={**SIW, "geometry": 4}),
+                      r"attribute geometry = 4 is not a name"),
 }
 
 
@@ -247,6 +254,8 @@ PARQUET = {
     "n0": ("pq_n0", _parquet(rows=0), r"holds no showers"),
     "broken-json": ("pq_json", _parquet(meta="{not json"), r"not readable JSON"),
     "other-mesh": ("pq_7mm", _parquet(meta={"geometry": "par04_siw", "mesh_dr": 7.0}), r"mesh mismatch: file has dr"),
+    "attr-mesh-dr": ("pq_dr_text", _parquet(meta={"geometry": "par04_siw", "mesh_dr": "4.65"}),
+                     r"attribute mesh_dr = '4\.65' is not a cell size > 0 mm"),
 }
 
 
@@ -255,7 +264,8 @@ def make_bad_parquet(folder: Path) -> dict[str, BadFile]:
     # errors about a shard name the shard, errors about the folder name the folder
     shard = {"missing-column", "short-rows", "nan", "negative-energy"}
     return {k: BadFile(b.name, b.path / "data-00000-of-00001.parquet" if k in shard else
-                       (b.path / "calofm.json" if k == "broken-json" else b.path), b.problem) for k, b in bad.items()}
+                       (b.path / "calofm.json" if k in ("broken-json", "attr-mesh-dr") else b.path), b.problem)
+            for k, b in bad.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,10 +273,13 @@ def make_bad_parquet(folder: Path) -> dict[str, BadFile]:
 # ----------------------------------------------------------------------------------------------
 
 
-def checksums(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder`` -> sha256 of its bytes ("dir" for folders): inputs must not change."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(Path(folder).rglob("*"))}
+def checksums(path: Path) -> dict[str, str]:
+    """Every entry under the folder ``path`` (or the file ``path`` itself) -> sha256 of its bytes ("dir" for
+    folders): inputs must not change."""
+    path = Path(path)
+    entries = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in entries}
 
 
 def assert_one_error_line(stderr: str, command: str, bad: BadFile) -> str:

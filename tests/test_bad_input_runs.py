@@ -1,19 +1,17 @@
-"""generate and adapt on bad input, damaged models / adapters / checkpoints, and Ctrl-C: exit 2 (130 for
-Ctrl-C), one line on stderr naming the file and the problem, no traceback, no output left, inputs unchanged.
+"""generate and adapt on bad input, damaged models / adapters / checkpoints: exit 2, one line on stderr naming
+the file and the problem, no traceback, no output left, inputs unchanged.
 
-The corrupt files are made here with h5py directly (no checks on the way in)."""
+The corrupt shower files are the shared set of tests/bad_files.py, which the battery of the other commands
+(tests/test_bad_input.py) runs on too."""
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
-from conftest import random_showers
+from bad_files import NATIVE, SIW, BadFile, assert_one_error_line, checksums, good_file, make_bad_files
 from train_helpers import reset_accelerate, run, tiny_config
 
 from calofm.cli import main as cli
@@ -40,17 +38,6 @@ def adapter(tmp_path_factory, base, cache) -> Path:
     return out / "model"
 
 
-def digest(path: Path) -> str | None:
-    """sha256 of a file, or of every file under a folder; None if it does not exist."""
-    if not path.exists():
-        return None
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
 def error_line(capsys, prog: str) -> str:
     """The one line on stderr (progress bars aside); never a traceback."""
     err = capsys.readouterr().err
@@ -61,77 +48,87 @@ def error_line(capsys, prog: str) -> str:
     return lines[0]
 
 
-def write_raw(path: Path, n: int = 40, geometry: str = "par04_siw", **change):
-    """A native-layout file written with h5py: ``change`` replaces datasets (None drops one) or sets attributes."""
-    data = random_showers(n, seed=5)
-    attrs = {"geometry": geometry}
-    for key, value in change.items():
-        (data if key in data else attrs)[key] = value
-    with h5py.File(path, "w") as f:
-        for key, value in data.items():
-            if value is not None:
-                f.create_dataset(key, data=value)
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    return path
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """The shared corrupt-file set (tests/bad_files.py, all par04_siw), a valid file of another geometry, and a
+    valid file to list before the bad one; with the checksums of all of them."""
+    folder = tmp_path_factory.mktemp("bad")
+    files = make_bad_files(folder / "native")
+    odd = good_file(folder / "odd.h5", attrs={**SIW, "geometry": "odd"})
+    files["other-geometry"] = BadFile("other-geometry", odd, "geometry mismatch: file holds 'odd', asked for 'par04_")
+    return folder, files, good_file(folder / "good.h5", seed=3), checksums(folder)
 
 
-def _showers(edit):
-    s = random_showers(40, seed=5)["showers"]
-    edit(s)
-    return s
+CASES = [*NATIVE, "other-geometry"]
 
 
-# name -> (make(path, geometry), what the error says)
-BAD = {
-    "missing": (lambda p, g: None, "file not found"),
-    "empty": (lambda p, g: p.write_bytes(b""), "not an HDF5 file"),
-    "text": (lambda p, g: p.write_text("showers,energy\n1,2\n"), "not an HDF5 file"),
-    "truncated": (lambda p, g: (write_raw(p, 200, g), os.truncate(p, p.stat().st_size // 2)), "corrupt"),
-    "directory": (lambda p, g: p.mkdir(), "is a directory"),
-    "missing_key": (lambda p, g: write_raw(p, geometry=g, incident_theta=None), "missing key"),
-    "wrong_shape": (lambda p, g: write_raw(p, geometry=g, showers=np.zeros((40, 9, 16, 44), "f4")), "has shape"),
-    "mismatched_n": (lambda p, g: write_raw(p, geometry=g, incident_energy=np.full(39, 1e4, "f4")), "entries but"),
-    "nan": (lambda p, g: write_raw(p, geometry=g, showers=_showers(lambda s: s.__setitem__((7, 0, 0, 0), np.nan))),
-            "holds NaN/Inf (first in shower 7)"),
-    "inf": (lambda p, g: write_raw(p, geometry=g, showers=_showers(lambda s: s.__setitem__((9, 1, 1, 1), np.inf))),
-            "holds NaN/Inf (first in shower 9)"),
-    "negative_cell": (lambda p, g: write_raw(p, geometry=g, showers=_showers(lambda s: s.__setitem__(
-        (3, 2, 2, 2), -1.0))), "negative energies (first in shower 3)"),
-    "zero_energy": (lambda p, g: write_raw(p, geometry=g, incident_energy=np.zeros(40, "f4")), "must be > 0 MeV"),
-    "int_dtype": (lambda p, g: write_raw(p, geometry=g, showers=np.zeros((40, 9, 16, 45), "i4")), "dtype int32"),
-    "no_rows": (lambda p, g: write_raw(p, 0, g), "holds no showers"),
-    "other_mesh": (lambda p, g: write_raw(p, geometry=g, mesh_dr=7.0), "mesh mismatch"),
-    "other_geometry": (lambda p, g: write_raw(p, geometry="odd"), "geometry mismatch"),
-}
+def refused(capsys, command: str, argv: list[str], bad_file: BadFile, inputs: list[Path], out: Path) -> None:
+    """``calofm -q <argv>`` exits 2 with one line naming the bad file, leaves no output and changes no input."""
+    before = [checksums(p) for p in inputs]
+    capsys.readouterr()
+    assert cli(["-q", *argv]) == 2
+    assert_one_error_line(capsys.readouterr().err, command, bad_file)
+    assert list(out.iterdir()) == [] and [checksums(p) for p in inputs] == before
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_generate_like_a_bad_file(case, tmp_path, base, capsys):
-    make, problem = BAD[case]
-    bad = tmp_path / f"{case}.h5"
-    make(bad, "par04_siw")
-    before, out = digest(bad), tmp_path / "new" / "gen.h5"
-    assert cli(["generate", "--model", str(base), "--geometry", "par04_siw", "--like", str(bad), "--steps", "1",
-                "--out", str(out)]) == 2
-    line = error_line(capsys, "generate")
-    assert str(bad) in line and problem in line, line
-    assert not (tmp_path / "new").exists() and digest(bad) == before
+@pytest.mark.parametrize("case", CASES)
+def test_generate_like_a_bad_file(case, bad, tmp_path, base, capsys):
+    folder, files, _, _ = bad
+    out = tmp_path / "new" / "gen.h5"
+    refused(capsys, "generate", ["generate", "--model", str(base), "--geometry", "par04_siw", "--like",
+                                 str(files[case].path), "--steps", "1", "--out", str(out)],
+            files[case], [folder, base], tmp_path)
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_adapt_data_a_bad_file(case, tmp_path, base, cache, capsys):
-    make, problem = BAD[case]
-    good = write_raw(tmp_path / "good.h5", 400, "allegro")
-    bad = tmp_path / f"{case}.h5"
-    make(bad, "allegro")
-    before, out = [digest(p) for p in (good, bad, base)], tmp_path / "run"
+@pytest.mark.parametrize("case", CASES)
+def test_adapt_data_a_bad_file(case, bad, tmp_path, base, cache, capsys):
+    """Every file is checked before the run folder exists, so adapt fails before any training."""
+    folder, files, good, _ = bad
     reset_accelerate()
-    assert cli(["adapt", "--geometry", "allegro", "--base", str(base), "--data", str(good), str(bad),
-                "--steps", "1", "--cache-dir", str(cache), "--out", str(out)]) == 2
-    line = error_line(capsys, "adapt")
-    assert str(bad) in line and problem.replace("geometry mismatch", "mismatch") in line, line
-    assert not out.exists() and [digest(p) for p in (good, bad, base)] == before
+    refused(capsys, "adapt", ["adapt", "--geometry", "par04_siw", "--base", str(base), "--data", str(good),
+                              str(files[case].path), "--steps", "1", "--cache-dir", str(cache), "--out",
+                              str(tmp_path / "run")], files[case], [folder, base], tmp_path)
+
+
+@pytest.mark.parametrize("where, problem", [("base", "is the input"), ("in-base", "is inside the input folder"),
+                                            ("around-base", "holds the input"), ("around-data", "holds the input")])
+def test_adapt_never_writes_onto_into_or_around_an_input(where, problem, tmp_path, base, cache, capsys):
+    model = tmp_path / "pretrain" / "model"
+    shutil.copytree(base, model)
+    (tmp_path / "data").mkdir()
+    data = good_file(tmp_path / "data" / "siw.h5", n=40)
+    out = {"base": model, "in-base": model / "adapted", "around-base": model.parent, "around-data": data.parent}
+    before = checksums(tmp_path)
+    reset_accelerate()
+    assert cli(["adapt", "--geometry", "par04_siw", "--base", str(model), "--data", str(data), "--steps", "1",
+                "--cache-dir", str(cache), "--out", str(out[where])]) == 2
+    assert error_line(capsys, "adapt").startswith(f"calofm adapt: error: {out[where]}: {problem}")
+    assert checksums(tmp_path) == before
+
+
+def onto_inputs(tmp: Path, like: Path, model: Path, base: Path) -> dict[str, tuple[Path, str]]:
+    """--out paths that are an input or inside one (relative, through a symlink) -> what the error says."""
+    (tmp / "link.h5").symlink_to(like)
+    (tmp / "sub").mkdir()
+    return {"like": (like, "is the input"), "like-relative": (tmp / "sub" / ".." / like.name, "is the input"),
+            "like-symlink": (tmp / "link.h5", "is the input"), "model": (model, "is the input"),
+            "in-model": (model / "gen.h5", "is inside the input folder"),
+            "in-base": (base / "gen.h5", "is inside the input folder")}
+
+
+@pytest.mark.parametrize("case", ["like", "like-relative", "like-symlink", "model", "in-model", "in-base"])
+def test_generate_never_writes_onto_or_into_an_input(case, tmp_path, base, adapter, capsys):
+    like = good_file(tmp_path / "x.h5")
+    model = tmp_path / "adapter"
+    shutil.copytree(adapter, model)
+    _set_info(model, base_path=str(Path(base).resolve()), base_relative=None)
+    out, problem = onto_inputs(tmp_path, like, model, base)[case]
+    before = [checksums(p) for p in (like, model, base)]
+    assert cli(["generate", "--model", str(model), "--geometry", "par04_siw", "--like", str(like), "--steps", "1",
+                "--out", str(out), "--overwrite"]) == 2
+    line = error_line(capsys, "generate")
+    assert line.startswith(f"calofm generate: error: {out}: {problem}"), line
+    assert [checksums(p) for p in (like, model, base)] == before and not (model / "gen.h5").exists()
 
 
 @pytest.mark.parametrize("args, option", [
@@ -188,12 +185,12 @@ def test_generate_with_a_damaged_model(case, tmp_path, base, capsys):
     model = tmp_path / "model"
     shutil.copytree(base, model)
     damage(model)
-    before = digest(model)
+    before = checksums(model)
     assert cli(["generate", "--model", str(model), "--geometry", "par04_siw", "--samples", "2", "--steps", "1",
                 "--out", str(tmp_path / "g.h5")]) == 2
     line = error_line(capsys, "generate")
     assert str(model) in line and problem in line, line
-    assert not (tmp_path / "g.h5").exists() and digest(model) == before
+    assert not (tmp_path / "g.h5").exists() and checksums(model) == before
 
 
 ADAPTER_DAMAGE = {
@@ -208,7 +205,17 @@ ADAPTER_DAMAGE = {
     "broken_info_json": (lambda a: (a / "calofm_adapter.json").write_text("[1,"), "calofm_adapter.json: not valid"),
     "info_without_slot": (lambda a: _set_info(a, slot=None), "calofm_adapter.json: missing entry 'slot'"),
     "card_changed": (lambda a: (a / "geometries" / "allegro.yaml").write_text("name: allegro\n"), "does not match"),
+    # wrong types that peft or calofm used unchecked (TypeError / IndexError tracebacks before)
+    "rank_text": (lambda a: _set_json(a / "adapter_config.json", r="8"), "adapter_config.json: does not fit its base"),
+    "token_beyond": (lambda a: _set_json(a / "adapter_config.json", trainable_token_indices={"geometry_embed": [99]}),
+                     "adapter_config.json: does not fit its base (index 99 is out of bounds"),
+    "base_path_number": (lambda a: _set_info(a, base_path=5), "calofm_adapter.json: entry 'base_path' = 5 has the wr"),
+    "cell_max_text": (lambda a: _set_info(a, cell_max="x"), "calofm_adapter.json: entry 'cell_max' = 'x' has the wron"),
 }
+
+
+def _set_json(path: Path, **change):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
 
 
 def _set_info(adapter: Path, **change):
@@ -225,12 +232,12 @@ def test_generate_with_a_damaged_adapter(case, tmp_path, adapter, base, capsys):
     shutil.copytree(adapter, folder)
     _set_info(folder, base_path=str(Path(base).resolve()), base_relative=None)
     damage(folder)
-    before = digest(folder)
+    before = checksums(folder)
     assert cli(["generate", "--model", str(folder), "--geometry", "allegro", "--samples", "2", "--steps", "1",
                 "--out", str(tmp_path / "g.h5")]) == 2
     line = error_line(capsys, "generate")
     assert str(folder) in line and problem in line, line
-    assert not (tmp_path / "g.h5").exists() and digest(folder) == before
+    assert not (tmp_path / "g.h5").exists() and checksums(folder) == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +281,7 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(case, stopped, ca
 def test_resume_with_every_checkpoint_damaged_is_one_line(stopped, cache, capsys):
     for ckpt in (stopped / "checkpoints").iterdir():
         flip(ckpt / "model.safetensors", 0.9)
-    before = digest(stopped)
+    before = checksums(stopped)
     cfg = tiny_config(stopped, cache, steps=6, save_every=2, val_every=100)
     from calofm.training.pretrain import main as pretrain
 
@@ -284,7 +291,7 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(stopped, cache, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "checkpoint_4/model.safetensors: does not match the sha256" in err[0]
     assert "no intact checkpoint left" in err[0]
-    assert digest(stopped) == before  # nothing changed: no fresh start over the old run
+    assert checksums(stopped) == before  # nothing changed: no fresh start over the old run
 
 
 def test_a_pickle_in_a_checkpoint_is_never_loaded(stopped, cache, tmp_path, caplog):

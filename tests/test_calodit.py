@@ -109,6 +109,19 @@ def test_strict_load_rejects_tampered_checkpoint(tiny, tmp_path, tamper):
     assert info["missing_keys" if tamper == "missing" else "unexpected_keys"]
 
 
+def test_a_pickled_bin_is_never_loaded_unless_asked(tiny, tmp_path):
+    model = randomised(tiny)
+    model.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    for loader in (CaloDiTModel.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(OSError, match="model.safetensors"):
+            loader(tmp_path)
+    # the .bin is a valid checkpoint: only the default keeps it from being unpickled
+    loaded = CaloDiTModel.from_pretrained(tmp_path, use_safetensors=False)
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
 def test_bf16_checkpoint_loads_as_float32_unless_asked(tiny, tmp_path):
     model = randomised(tiny)
     model.to(torch.bfloat16).save_pretrained(tmp_path)

@@ -153,6 +153,19 @@ def test_argument_errors_exit_2(capsys):
     assert code == 2 and "invalid choice: 'nosuchcommand'" in err
 
 
+@pytest.mark.parametrize("command", [["simulate", "--geometry", "odd", "--samples", "2"],
+                                     ["generate", "--model", "m", "--geometry", "odd", "--samples", "2"]])
+@pytest.mark.parametrize("device, problem", [
+    ("foo", "'foo' is not a torch device (cpu, cuda, cuda:1, mps, ...)"),
+    ("cuda:63", "'cuda:63' is not usable on this machine ("),  # torch's AssertionError or "invalid device ordinal"
+    ("meta", "'meta' is not usable on this machine (it holds no data)"),
+])
+def test_a_device_this_machine_lacks_is_an_argument_error(command, device, problem, tmp_path, capsys):
+    code, _, err = exits([*command, "--out", str(tmp_path / "x.h5"), "--device", device], capsys)
+    assert code == 2 and f"error: argument --device: {problem}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_very_verbose_shows_the_traceback(tmp_path):
     with pytest.raises(ShowerFileError, match="file not found"):
         main(["-vv", "validate", str(tmp_path / "nope.h5")])

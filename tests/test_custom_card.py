@@ -7,8 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
+from bad_files import BadFile, assert_one_error_line, checksums
 from train_helpers import ROOT, reset_accelerate, run, tiny_config
 
 from calofm.adapt import ADAPTER_FILE
@@ -79,12 +81,14 @@ def test_custom_card_simulate_adapt_generate_evaluate(tmp_path, base, cache):
             assert f.attrs.extra["geometry_card_sha256"] == digest
             assert f.attrs.extra["geometry_card"] == card_text(adapter)
     assert sha256(ref) == before
-    # evaluate reads files, not models: it finds the card among the model's stored cards
+    # simulate stored the card in the reference and generate in its file: evaluate needs no --geometry-dir
+    with ShowerFile(ref) as f:
+        assert f.attrs.extra["geometry_card_sha256"] == digest and f.note == "geometry card: stored in the file"
     report = tmp_path / "report"
     assert cli(["evaluate", "--reference", str(ref), "--generated", str(tmp_path / "gen_lora_model.h5"),
-                "--out", str(report), "--metrics", "hist", "--no-plots", "--no-noise-floor",
-                "--geometry-dir", str(adapter / "geometries")]) == 0
-    assert "mydet" in json.loads((report / "metrics.json").read_text())["geometries"]
+                "--out", str(report), "--metrics", "hist", "--no-plots", "--no-noise-floor"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())["geometries"]["mydet"]
+    assert metrics["threshold_MeV"] == yaml.safe_load(card_text(adapter))["threshold"]
     # a card given explicitly must be the model's own
     other = make_card(tmp_path / "other", "mydet", source="cld")
     assert cli(["generate", "--model", str(adapter), "--geometry", str(other), "--samples", "2",
@@ -94,6 +98,105 @@ def test_custom_card_simulate_adapt_generate_evaluate(tmp_path, base, cache):
 
 def card_text(folder: Path) -> str:
     return (folder / "geometries" / "mydet.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files carry their card: every reader finds it there, and a different card of that name is an error
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """Two 12-shower files simulated from a card given by path, whose folder is removed afterwards."""
+    folder = tmp_path_factory.mktemp("simulated")
+    card = make_card(folder / "cards", "mydet")
+    text = card.read_text()
+    files = [folder / "s1.h5", folder / "s2.h5"]
+    for seed, out in enumerate(files):
+        assert cli(["-q", "simulate", "--geometry", str(card), "--samples", "12", "--energy", "5:50", "--seed",
+                    str(seed), "--out", str(out)]) == 0
+    shutil.rmtree(folder / "cards")
+    return folder, files, text
+
+
+READERS = {  # command -> argv for (file read first, another file of the same card, output folder)
+    "validate": lambda f, g, out: ["validate", f],
+    "evaluate": lambda f, g, out: ["evaluate", "-r", f, "-g", g, "-o", out / "report", "--metrics", "hist",
+                                   "--no-plots", "--no-noise-floor"],
+    "compare-geometries": lambda f, g, out: ["compare-geometries", "--files", f, g, "--out", out / "plots"],
+    "convert": lambda f, g, out: ["convert", f, out / "cc.hdf5", "--to", "calochallenge"],
+}
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_every_reader_uses_the_card_stored_in_the_file(command, simulated, tmp_path):
+    folder, (s1, s2), text = simulated
+    before = checksums(folder)
+    assert cli(["-q", *map(str, READERS[command](s1, s2, tmp_path))]) == 0
+    assert checksums(folder) == before
+    with ShowerFile(s1) as f:  # no card of that name anywhere but in the file
+        assert f.geometry.card.threshold == yaml.safe_load(text)["threshold"]
+        assert f.note == "geometry card: stored in the file"
+
+
+def test_simulate_stores_a_card_that_is_not_built_in_and_convert_keeps_it(simulated, tmp_path):
+    _, (s1, _), text = simulated
+    with ShowerFile(s1) as f:
+        assert f.attrs.extra["geometry_card"] == text
+        assert f.attrs.extra["geometry_card_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert cli(["-q", "simulate", "--geometry", "odd", "--samples", "2", "--out", str(tmp_path / "odd.h5")]) == 0
+    with ShowerFile(tmp_path / "odd.h5") as f:
+        assert "geometry_card" not in f.attrs.extra and "geometry_card_sha256" not in f.attrs.extra
+    assert cli(["-q", "convert", str(s1), str(tmp_path / "pq"), "--to", "parquet"]) == 0
+    assert cli(["-q", "convert", str(tmp_path / "pq"), str(tmp_path / "back.h5"), "--to", "calofm"]) == 0
+    with ShowerFile(tmp_path / "back.h5") as f:
+        assert f.attrs.extra["geometry_card"] == text and f.geometry.name == "mydet"
+
+
+def variant(folder: Path, **changes) -> Path:
+    """The test card ``mydet`` with some top-level fields changed."""
+    card = make_card(folder, "mydet")
+    data = yaml.safe_load(card.read_text())
+    card.write_text(yaml.safe_dump({**data, **changes}, sort_keys=False))
+    return folder
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_a_different_card_of_the_same_name_is_a_one_line_error(command, simulated, tmp_path, capsys):
+    folder, (s1, s2), _ = simulated
+    other = variant(tmp_path / "other", threshold=0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = checksums(folder)
+    capsys.readouterr()
+    assert cli(["-q", *map(str, READERS[command](s1, s2, out)), "--geometry-dir", str(other)]) == 2
+    problem = rf"its stored card of geometry 'mydet' differs from {re.escape(str(other / 'mydet.yaml'))}; give"
+    assert_one_error_line(capsys.readouterr().err, command, BadFile("other card", s1, problem))
+    assert list(out.iterdir()) == [] and checksums(folder) == before
+
+
+def test_a_card_differing_in_slot_or_prose_is_the_same_card(simulated, tmp_path):
+    _, (s1, _), _ = simulated
+    same = variant(tmp_path / "same", slot=7, title="renamed", description="other words")
+    assert cli(["-q", "validate", str(s1), "--geometry-dir", str(same)]) == 0
+    assert cli(["-q", "validate", str(s1), "--geometry", str(same / "mydet.yaml")]) == 0
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda a: a.__setitem__("geometry_card", a["geometry_card"].replace("threshold:", "threshold: 9 #")),
+     "its stored geometry card does not match the sha256 recorded with it"),
+    (lambda a: a.__delitem__("geometry_card_sha256"), "attributes geometry_card and geometry_card_sha256 must both"),
+    (lambda a: a.__setitem__("geometry", "otherdet"), "its stored geometry card is for 'mydet', but the file records"),
+])
+def test_a_damaged_stored_card_is_a_one_line_error(damage, problem, simulated, tmp_path, capsys):
+    _, (s1, _), _ = simulated
+    bad = tmp_path / "bad.h5"
+    shutil.copy(s1, bad)
+    with h5py.File(bad, "r+") as f:
+        damage(f.attrs)
+    capsys.readouterr()
+    assert cli(["-q", "validate", str(bad)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "validate", BadFile("damaged card", bad, re.escape(problem)))
 
 
 def test_a_card_whose_slot_is_taken_trains_the_slot_it_is_given(tmp_path, base, cache):

@@ -17,7 +17,7 @@ from conftest import random_showers
 from calofm.cli import main
 from calofm.data import FileAttrs, ShowerFileError, read_showers, write_showers
 from calofm.data.convert import calochallenge_to_native, convert, native_to_calochallenge
-from calofm.data.output import Staging, catch_interrupts, check_interrupted
+from calofm.data.output import Staging, atomic_folder, catch_interrupts, check_interrupted, write_text_atomic
 
 KEYS = ("showers", "incident_energy", "incident_phi", "incident_theta")
 
@@ -209,6 +209,22 @@ def test_staging_merges_reports_and_cleans_up(tmp_path, monkeypatch):
     with pytest.raises(ShowerFileError, match=r"locked: cannot write here \(Permission denied\)"):
         native_to_calochallenge(src, tmp_path / "locked" / "o.hdf5", progress=False)
     assert not (tmp_path / "locked").exists()
+
+
+def test_atomic_folder_replaces_an_old_folder_only_when_complete(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(final) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in final.iterdir()] == ["old.txt"]
+    with atomic_folder(final) as tmp:
+        assert tmp == tmp_path / "model.partial"
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in final.iterdir()] == ["new.txt"]
+    write_text_atomic(final / "new.txt", "newer")
+    assert (final / "new.txt").read_text() == "newer" and [p.name for p in final.iterdir()] == ["new.txt"]
 
 
 def test_scale_must_be_finite_and_positive(tmp_path, capsys):

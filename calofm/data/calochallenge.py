@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from calofm.cards import card_attrs
 from calofm.data.format import ENERGY, SHOWERS, FileAttrs, ShowerFileError, check_values, h5_errors, open_h5
 from calofm.data.io import ShowerFile, ShowerWriter, progress_disabled
 from calofm.data.output import check_interrupted
@@ -148,7 +149,8 @@ def import_calochallenge(src: Path, out: Path, meta: CaloChallengeMeta, geometry
                     "recording them as '%s' (dr %.3g mm, dz %.3g mm) as asked", src, *CC_CELL_MM, geometry.name,
                     geometry.mesh.dr, geometry.mesh.dz)
     attrs = FileAttrs(geometry=geometry.name, particle="e-", energy_scale="deposited", mesh_dr=geometry.mesh.dr,
-                      mesh_dz=geometry.mesh.dz, generator=f"calochallenge-import:{src.name}")
+                      mesh_dz=geometry.mesh.dz, generator=f"calochallenge-import:{src.name}",
+                      extra=card_attrs(geometry))  # a card that is not built in travels with the file
     with open_h5(src) as f, ShowerWriter(out, attrs=attrs) as w:
         for start in tqdm(range(0, meta.n, chunk), disable=progress_disabled(progress), desc=f"import {src.name}",
                           unit="chunk"):

@@ -13,6 +13,7 @@ from the user. Every check here raises ``ShowerFileError`` with one line naming 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from calofm.config import first_line
 from calofm.geometry import MESH_SHAPE
 
 FORMAT_VERSION = "1"
@@ -86,7 +88,7 @@ class FileAttrs:
             geometry=get("geometry"),
             particle=get("particle"),
             energy_scale=get("energy_scale") or "visible",
-            mesh_shape=tuple(int(v) for v in shape) if shape is not None else MESH_SHAPE,
+            mesh_shape=tuple(np.ravel(shape).tolist()) if shape is not None else MESH_SHAPE,  # checked by check_attrs
             mesh_dr=get("mesh_dr"),
             mesh_dz=get("mesh_dz"),
             generator=get("generator"),
@@ -109,7 +111,7 @@ def h5_errors(path: str | Path, what: str = "read"):
     except ShowerFileError:
         raise
     except (OSError, RuntimeError, KeyError, ValueError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = first_line(err)
         if what == "write":
             raise ShowerFileError(path, f"write failed ({msg})") from None
         raise ShowerFileError(path, f"{what} failed, file truncated or corrupt? ({msg})") from None
@@ -131,7 +133,7 @@ def open_h5(path: str | Path, mode: str = "r", **kwargs) -> h5py.File:
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as err:
-        msg = str(err).split("\n")[0]
+        msg = first_line(err)
         if not reading:
             reason = "permission denied" if not os.access(path.parent, os.W_OK) else msg
             raise ShowerFileError(path, f"cannot create the file ({reason})") from None
@@ -245,38 +247,96 @@ def check_geometry(path: str | Path, attrs: FileAttrs, geometry) -> None:
             )
 
 
+def check_attrs(path: str | Path, attrs: FileAttrs) -> None:
+    """calofm's attributes, where present, have the types and values calofm writes (files from other tools
+    have none of them)."""
+    for name in ("geometry", "particle"):
+        value = getattr(attrs, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ShowerFileError(path, f"attribute {name} = {_short(value)} is not a name")
+    if attrs.energy_scale not in ENERGY_SCALES:
+        raise ShowerFileError(path, f"attribute energy_scale = {_short(attrs.energy_scale)} is not one of "
+                                    f"{', '.join(ENERGY_SCALES)}")
+    for name in ("mesh_dr", "mesh_dz"):
+        value = getattr(attrs, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or value <= 0):
+            raise ShowerFileError(path, f"attribute {name} = {_short(value)} is not a cell size > 0 mm")
+    if attrs.mesh_shape != MESH_SHAPE:
+        raise ShowerFileError(path, f"attribute mesh_shape = {_short(list(attrs.mesh_shape))} but the showers "
+                                    f"are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
+    if not isinstance(attrs.extra, dict):
+        raise ShowerFileError(path, f"the extra attributes must be a mapping, not {_short(attrs.extra)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stored_card(path: str | Path, attrs: FileAttrs):
+    """The geometry card a file carries (``calofm.cards``), checked against its recorded sha256; None if none."""
+    from calofm.cards import CARD_ATTR, CARD_SHA_ATTR, card_from_text
+    from calofm.geometry import GeometryError
+
+    text, digest = attrs.extra.get(CARD_ATTR), attrs.extra.get(CARD_SHA_ATTR)
+    if text is None and digest is None:
+        return None
+    if not isinstance(text, str) or not isinstance(digest, str):
+        raise ShowerFileError(path, f"attributes {CARD_ATTR} and {CARD_SHA_ATTR} must both be text")
+    if hashlib.sha256(text.encode()).hexdigest() != digest:
+        raise ShowerFileError(path, "its stored geometry card does not match the sha256 recorded with it "
+                                    "(damaged or modified)")
+    try:
+        card = card_from_text(text, "stored geometry card")
+    except GeometryError as err:
+        raise ShowerFileError(path, f"its {err}") from None
+    if card.name != attrs.geometry:
+        raise ShowerFileError(path, f"its stored geometry card is for '{card.name}', but the file records "
+                                    f"geometry {attrs.geometry!r}")
+    return card
+
+
 def file_geometry(path: str | Path, attrs: FileAttrs, geometry=None, geometry_dirs=None):
     """The geometry of a file, checked against its recorded name and cell sizes: ``(Geometry or None, note)``.
 
-    The one geometry check every command runs on a shower file. ``geometry`` (a name or ``Geometry``) is
-    what the user asked for; without it the recorded geometry's card (built in, ``geometry_dirs`` or
-    $CALOFM_GEOMETRY_DIR) is checked, and a recorded geometry without a card is said in ``note``.
+    The one geometry check every command runs on a shower file. ``geometry`` (a name, a card path or a
+    ``Geometry``) is what the user asked for; without it the recorded geometry's card is found by name (built in,
+    ``geometry_dirs`` or $CALOFM_GEOMETRY_DIR), else the card stored in the file is used. A card found either way
+    must agree with the file's stored card (``calofm.cards.same_card``); a recorded geometry without any card is
+    said in ``note``.
     """
+    from calofm.cards import same_card
     from calofm.geometry import available_geometries, load_geometry
 
+    stored = stored_card(path, attrs)
     if geometry is not None:
         geo = load_geometry(geometry, geometry_dirs)
     elif attrs.geometry is None:
         return None, ""
     elif attrs.geometry in available_geometries(geometry_dirs):
         geo = load_geometry(attrs.geometry, geometry_dirs)
+    elif stored is not None:
+        geo = stored
     else:
         return None, f"no card for geometry '{attrs.geometry}' here: cell sizes not checked (see --geometry-dir)"
     check_geometry(path, attrs, geo)
-    return geo, ""
+    if stored is not None and not same_card(geo, stored):
+        other = geo.source or "the card given"
+        raise ShowerFileError(path, f"its stored card of geometry '{geo.name}' differs from {other}; give the card "
+                                    "the file was made with (--geometry CARD.yaml)")
+    return geo, "geometry card: stored in the file" if geo is stored else ""
 
 
 def check_file(f: h5py.File, path: Path, geometry=None, geometry_dirs=None):
     """Every check of an open native file that needs no shower values, shared by every command:
-    keys, shapes, dtypes, lengths, N > 0, rows actually written, the mesh, and the geometry (asked for or
-    recorded) against its card. Returns ``(n, attrs, Geometry or None, note)``."""
+    keys, shapes, dtypes, lengths, N > 0, rows actually written, the attributes, and the geometry (asked for or
+    recorded) against its card and the card the file carries. Returns ``(n, attrs, Geometry or None, note)``."""
     with h5_errors(path):
         n = check_structure(f, path)
         check_complete(f, path, n)
         attrs = FileAttrs.from_h5(f.attrs)
-    if tuple(attrs.mesh_shape) != MESH_SHAPE:
-        raise ShowerFileError(path, f"attribute mesh_shape = {list(attrs.mesh_shape)} but the "
-                                    f"showers are on the {'x'.join(map(str, MESH_SHAPE))} mesh")
+    check_attrs(path, attrs)
     geo, note = file_geometry(path, attrs, geometry, geometry_dirs)
     return n, attrs, geo, note
 

@@ -32,18 +32,13 @@ from calofm.data.format import (
     open_h5,
     wide_float_hint,
 )
-from calofm.data.output import catch_interrupts, check_interrupted
+from calofm.data.output import catch_interrupts, check_interrupted, partial_path
 from calofm.geometry import MESH_SHAPE
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 64  # showers per HDF5 chunk: 1.6 MB uncompressed, the unit of every batch read
 COMMITTED = "calofm_rows_committed"  # rows known to be fully written (resume point)
-
-
-def partial_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
 
 
 class ShowerWriter:

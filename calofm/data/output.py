@@ -5,6 +5,8 @@
 - ``Staging`` builds outputs in a hidden temporary folder beside them and moves them into place only when
   everything is complete; on an error or Ctrl-C it removes the temporary folder and any folder it created,
   so nothing is left behind and an existing output stays as it was.
+- ``atomic_folder`` / ``write_text_atomic``: the folders and files calofm names itself (models, checkpoints, logs)
+  are written under a temporary name and renamed when complete.
 - ``catch_interrupts`` / ``check_interrupted``: h5py raises a Ctrl-C that arrives while it frees objects
   inside a weakref callback, where Python prints it as "Exception ignored" and carries on (a conversion
   then ran to the end). The handler also remembers the Ctrl-C; the chunk loops call ``check_interrupted``.
@@ -32,8 +34,9 @@ def _real(path: str | Path) -> Path:
 
 
 def check_output(dst: str | Path, inputs=(), overwrite: bool = False, kind: str = "file") -> Path:
-    """Check that ``dst`` may be written; ``kind`` is ``file``, ``parquet`` (a folder replaced as a whole) or
-    ``report`` (a folder whose files are added or replaced). Returns ``dst`` as a Path."""
+    """Check that ``dst`` may be written; ``kind`` is ``file``, ``parquet`` (a folder replaced as a whole),
+    ``report`` (a folder whose files are added or replaced) or ``run`` (a training run folder: it may exist, to
+    resume, but holds no input). Returns ``dst`` as a Path."""
     dst = Path(dst)
     real = _real(dst)
     for src in inputs:
@@ -111,7 +114,7 @@ class Staging:
                         if _real(target) in self.inputs or any(i in _real(target).parents for i in self.inputs):
                             raise ShowerFileError(target, "is an input; not replacing it")
                 for tmp, final, how in self._moves:
-                    _move(tmp, final, how, self.tmp)
+                    _move(tmp, final, how, self.tmp / ".replaced")  # removed with the temporary folder
         except BaseException:
             self._cleanup(failed=True)
             raise
@@ -141,19 +144,65 @@ def _targets(tmp: Path, final: Path, how: str):
         yield final
 
 
-def _move(tmp: Path, final: Path, how: str, scratch: Path) -> None:
+def _move(tmp: Path, final: Path, how: str, aside: Path) -> None:
+    """Move ``tmp`` to ``final``; a folder it replaces is first moved to ``aside`` (removed by the caller)."""
     if how == "file":
         os.replace(tmp, final)
     elif how == "folder":
         if final.exists():
-            os.replace(final, scratch / ".replaced")  # removed with the scratch folder
+            os.replace(final, aside)
         os.replace(tmp, final)
     elif how == "merge":
         final.mkdir(exist_ok=True)
         for item in tmp.iterdir():
-            _move(item, final / item.name, "merge" if item.is_dir() else "file", scratch)
+            _move(item, final / item.name, "merge" if item.is_dir() else "file", aside)
     else:
         raise ValueError(f"unknown move {how!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders calofm owns (models, checkpoints, logs): replaced whole or not at all
+# ----------------------------------------------------------------------------------------------
+
+
+def partial_path(path: str | Path) -> Path:
+    """``<path>.partial``: where a file or folder is written before it is renamed to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Through a temporary file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(final: str | Path):
+    """Yield ``<final>.partial`` to write into; on success it replaces ``final`` (an older folder of that name
+    is removed only then), on any error or Ctrl-C it is removed and ``final`` is left as it was.
+
+    For folders calofm owns and names itself (a model, a checkpoint); user-named outputs go through ``Staging``.
+    """
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"{final}: exists and is not a folder")
+    tmp = partial_path(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover of an interrupted save
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    _move(tmp, final, "folder", old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

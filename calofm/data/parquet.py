@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from calofm.data.format import ENERGY, PHI, SHOWERS, THETA, FileAttrs, ShowerFileError, check_values
+from calofm.config import first_line
+from calofm.data.format import ENERGY, PHI, SHOWERS, THETA, FileAttrs, ShowerFileError, check_attrs, check_values
 from calofm.data.io import ShowerFile, ShowerWriter, progress_disabled
 from calofm.data.output import check_interrupted
 from calofm.geometry import MESH_SHAPE
@@ -47,8 +48,7 @@ def arrow_errors(path: Path, what: str = "not a readable Parquet file"):
     except ShowerFileError:
         raise
     except (pa.ArrowException, OSError, ValueError, TypeError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ShowerFileError(path, f"{what} ({msg})") from None
+        raise ShowerFileError(path, f"{what} ({first_line(err)})") from None
 
 
 def parquet_files(src: str | Path) -> list[Path]:
@@ -108,6 +108,7 @@ def open_parquet(src: str | Path, geometry: str | None = None) -> ParquetSource:
         )
     except (TypeError, AttributeError) as err:
         raise ShowerFileError(src / META, f"unexpected attributes ({err})") from None
+    check_attrs(src / META, attrs)
     return ParquetSource(files, paths, n, attrs)
 
 

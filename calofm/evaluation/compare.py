@@ -31,7 +31,7 @@ def geometry_profiles(path: str | Path, geometry=None, threshold: float | None =
 
     geo = load_geometry(geometry, extra_dirs) if geometry is not None else None
     with ShowerFile(path, geometry=geo, geometry_dirs=extra_dirs) as f:
-        geo = geo or resolve_geometry(None, [f.attrs.geometry], [path, path], extra_dirs)
+        geo = geo or resolve_geometry(None, [f.geometry or f.geometry_name], [path, path], extra_dirs)
         thr = geo.card.threshold if threshold is None else threshold
         n = len(f) if max_showers is None else min(max_showers, len(f))
         long_sum, rad_sum = np.zeros(geo.mesh.n_z), np.zeros(geo.mesh.n_r)
@@ -62,10 +62,11 @@ def geometry_profiles(path: str | Path, geometry=None, threshold: float | None =
 
 
 def _binned_response(e_gev: np.ndarray, ratio: np.ndarray, lo: float, hi: float):
-    edges = np.logspace(np.log10(lo), np.log10(hi), N_ENERGY_BINS + 1)
-    idx = np.clip(np.digitize(e_gev, edges) - 1, 0, N_ENERGY_BINS - 1)
+    bins = int(np.clip(len(e_gev) // 10, 1, N_ENERGY_BINS))  # ~10 showers a bin on average, so small files plot too
+    edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
+    idx = np.clip(np.digitize(e_gev, edges) - 1, 0, bins - 1)
     x, mean, spread = [], [], []
-    for b in range(N_ENERGY_BINS):
+    for b in range(bins):
         sel = ratio[idx == b]
         if len(sel) >= 5:
             x.append(np.sqrt(edges[b] * edges[b + 1]))
@@ -100,12 +101,14 @@ def plot_geometries(profiles: list[dict], out_dir: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    positive = False
     for i, p in enumerate(profiles):
         e = p["e_inc_GeV"]
         x, mean, spread = _binned_response(e, p["e_vis_over_e_inc"], e.min(), e.max() * 1.0001)
         ax.errorbar(x, mean, yerr=spread, color=f"C{i}", marker="o", ms=3, capsize=2, label=p["geometry"])
+        positive |= bool((mean > 0).any())
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_yscale("log" if positive else "linear")  # a log axis without a positive value cannot be drawn
     ax.set_xlabel("incident energy [GeV]")
     ax.set_ylabel("E_vis / E_inc (bars: spread per bin)")
     ax.legend(fontsize=8)

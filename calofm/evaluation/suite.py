@@ -172,9 +172,10 @@ def split_halves(sample: dict, seed: int) -> tuple[dict, dict]:
 
 
 def load_sample(path: str | Path, geometry: Geometry | None, max_showers: int | None,
-                progress: bool = False, extra_dirs=None) -> tuple[dict, str | None]:
+                progress: bool = False, extra_dirs=None) -> tuple[dict, Geometry | str | None]:
     """Read a shower file (optionally its first ``max_showers``) with every check of ``ShowerFile``, the recorded
-    geometry against its card included; returns the sample and its recorded geometry."""
+    geometry against its card included; returns the sample and the file's geometry: its card (found by name or
+    stored in the file), else the recorded name, else None."""
     from calofm.data.io import ShowerFile
 
     with ShowerFile(path, geometry=geometry, geometry_dirs=extra_dirs) as f:
@@ -182,19 +183,28 @@ def load_sample(path: str | Path, geometry: Geometry | None, max_showers: int | 
         if n < MIN_SHOWERS:
             raise ValueError(f"{path}: {n} showers; evaluation needs at least {MIN_SHOWERS} per file")
         log.info("reading %d showers from %s", n, path)
-        return f.load(limit=n, progress=progress), f.geometry_name
+        return f.load(limit=n, progress=progress), f.geometry or f.geometry_name
 
 
-def resolve_geometry(name: str | Geometry | None, recorded: list[str | None], paths: list, extra_dirs=None) -> Geometry:
-    """The geometry asked for, else the one recorded in the files (which must agree)."""
+def resolve_geometry(name: str | Geometry | None, recorded: list[Geometry | str | None], paths: list,
+                     extra_dirs=None) -> Geometry:
+    """The geometry asked for, else the one of the files (``load_sample``): one name, and one card for it."""
+    from calofm.cards import same_card
+
     if name is not None:
         return load_geometry(name, extra_dirs)
-    names = {r for r in recorded if r}
+    names = {r if isinstance(r, str) else r.name for r in recorded if r is not None}
     if len(names) > 1:
         raise ValueError(f"{paths[0]} and {paths[1]} record different geometries {sorted(names)}")
     if not names:
         raise ValueError(f"{paths[0]}: no geometry recorded in the file; pass --geometry NAME")
-    return load_geometry(names.pop(), extra_dirs)
+    cards = [r for r in recorded if isinstance(r, Geometry)]
+    if not cards:
+        raise ValueError(f"{paths[0]}: no card for geometry '{names.pop()}' (not built in, not in --geometry-dir, "
+                         "not stored in the file); pass --geometry-dir DIR or --geometry CARD.yaml")
+    if not all(same_card(c, cards[0]) for c in cards):
+        raise ValueError(f"{paths[0]} and {paths[1]} carry different cards of geometry '{cards[0].name}'")
+    return cards[0]
 
 
 def evaluate_pair(reference, generated, geometry=None, options: EvalOptions | None = None, extra_dirs=None):

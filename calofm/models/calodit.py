@@ -384,16 +384,15 @@ class CaloDiTModel(ShowerConditions, CaloDiTPreTrainedModel):
         return self.unpatchify(self.final_layer(tokens, c))  # (B, R, P, Z)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=torch.float32, strict=True, **kwargs):
-        """transformers' loader, but float32 unless a dtype is asked for and strict about tensor keys.
-
-        transformers 5 defaults to dtype="auto" (a bf16 checkpoint would load as bf16) and only logs
-        missing/unexpected keys; here any mismatch raises CheckpointMismatchError when strict.
-        """
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=torch.float32, strict=True,
+                        use_safetensors=True, **kwargs):
+        """transformers' loader, but float32 unless a dtype is asked for, strict about tensor keys and safetensors
+        only (transformers 5 defaults to dtype="auto", falls back to a pickled ``pytorch_model.bin`` and only logs
+        missing/unexpected keys): a key mismatch raises CheckpointMismatchError when strict, and a folder holding
+        only a ``.bin`` is an OSError, never unpickled (also through ``AutoModel.from_pretrained``)."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, dtype=dtype, output_loading_info=True, **kwargs
-        )
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, dtype=dtype,
+                                              use_safetensors=use_safetensors, output_loading_info=True, **kwargs)
         problems = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys")}
         problems["mismatched_keys"] = sorted(str(k) for k in info.get("mismatched_keys") or ())
         problems = {k: v for k, v in problems.items() if v}

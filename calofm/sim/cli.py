@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calofm.cli import SEED, add_geometry_dir, parse_count, parse_range
+from calofm.cli import SEED, add_geometry_dir, parse_count, parse_range, torch_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0,
                    help="random seed in [0, 2^63) (the output depends only on seed and settings)")
     p.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--restart", action="store_true", help="ignore a .partial file from an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_geometry_dir(p)

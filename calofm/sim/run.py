@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from calofm.cards import card_attrs
 from calofm.data.format import FileAttrs
 from calofm.data.io import ShowerWriter, progress_disabled
 from calofm.data.output import catch_interrupts
@@ -104,7 +105,8 @@ class Run:
         g = self.geometry
         return FileAttrs(
             geometry=g.name, particle=self.options.particle, energy_scale=self.options.energy_scale,
-            mesh_dr=g.mesh.dr, mesh_dz=g.mesh.dz, generator=GENERATOR, seed=self.seed, extra=self.settings(),
+            mesh_dr=g.mesh.dr, mesh_dz=g.mesh.dz, generator=GENERATOR, seed=self.seed,
+            extra={**self.settings(), **card_attrs(g)},  # a card that is not built in travels with the file
         )
 
     def chunk(self, k: int) -> dict[str, np.ndarray]:

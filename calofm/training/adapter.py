@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calofm.config import first_line
+from calofm.data.output import atomic_folder
 from calofm.geometry import MESH_SHAPE, Geometry
 from calofm.training.integrity import (
     DamagedError,
-    atomic_folder,
-    first_line,
     read_json,
     sha256_file,
     verify_manifest,
@@ -46,6 +46,7 @@ ADAPTER_FILE = "calofm_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = 2  # 2: checksums and the card are stored with the adapter
 REQUIRED = {"geometry": str, "slot": int, "threshold": (int, float), "fingerprint": str, "base": str}
+OPTIONAL = {"cell_max": (int, float), "profile": dict, "base_path": str, "base_relative": str, "format": int}
 
 
 @contextlib.contextmanager
@@ -90,10 +91,10 @@ def read_adapter(path: Path) -> tuple[dict, Geometry | None]:
     if not (path / ADAPTER_FILE).exists():
         raise ValueError(f"{path}: {ADAPTER_FILE} is missing (not a calofm adapter)")
     info = read_json(path / ADAPTER_FILE)
-    for key, kind in REQUIRED.items():
-        if key not in info:
+    for key, kind in (*REQUIRED.items(), *OPTIONAL.items()):
+        if key not in info and key in REQUIRED:
             raise DamagedError(path / ADAPTER_FILE, f"missing entry '{key}'")
-        if isinstance(info[key], bool) or not isinstance(info[key], kind):
+        if info.get(key) is not None and (isinstance(info[key], bool) or not isinstance(info[key], kind)):
             raise DamagedError(path / ADAPTER_FILE, f"entry '{key}' = {info[key]!r} has the wrong type")
     read_json(path / "adapter_config.json")
     if not (path / ADAPTER_WEIGHTS).is_file():
@@ -111,7 +112,7 @@ def base_of(adapter: Path, info: dict) -> str:
     """Where an adapter's base model is: next to the adapter as it was when trained, at its absolute
     path, else as given at training time (a Hub repo id, or a path from the working directory)."""
     for key, root in (("base_relative", adapter), ("base_path", Path("/"))):
-        if info.get(key) and (root / info[key]).is_dir():
+        if isinstance(info.get(key), str) and (root / info[key]).is_dir():
             return str(root / info[key])
     return info["base"]
 
@@ -188,8 +189,12 @@ def open_adapter(path: str | Path, dtype=torch.float32, mode: str = "fast"):
     try:
         with quiet_peft(), quiet_transformers():
             peft_model = PeftModel.from_pretrained(base if mode == "unmerged" else copy.deepcopy(base), path)
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
+    except (SafetensorError, OSError, RuntimeError) as err:
         raise DamagedError(path / ADAPTER_WEIGHTS, f"cannot be loaded on its base ({first_line(err)})") from None
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        # peft uses adapter_config.json unchecked: a wrong type ("r": "8") is a TypeError, a token index beyond the
+        # embedding an IndexError, an unknown peft_type a KeyError
+        raise DamagedError(path / "adapter_config.json", f"does not fit its base ({first_line(err)})") from None
     peft_model.eval()
     if mode == "unmerged":
         config = copy.deepcopy(base.config)

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from calofm.data.output import atomic_folder
 from calofm.training.integrity import (
     DamagedError,
-    atomic_folder,
     load_tensors,
     read_json,
     verify_manifest,

@@ -1,22 +1,23 @@
-"""Files calofm writes and reads back: JSON with one-line errors, sha256 manifests, atomic folders.
+"""Files calofm reads back: JSON with one-line errors, sha256 manifests, tensors without pickle.
 
-Every folder calofm saves (model, adapter, training checkpoint) is written under ``<name>.partial`` and
-renamed when complete, with ``calofm_checksums.json`` listing the sha256 of its weight and card files. A
-reader checks the manifest before it trusts any byte, so a truncated or bit-flipped file is a one-line
-error naming it (or, for checkpoints, a fall-back to the previous one), never a traceback or silent garbage.
+Every folder calofm saves (model, adapter, training checkpoint) is written under ``<name>.partial`` and renamed
+when complete (``calofm.data.output.atomic_folder``), with ``calofm_checksums.json`` listing the sha256 of its
+weight and card files. A reader checks the manifest before it trusts any byte, so a truncated or bit-flipped
+file is a one-line error naming it (or, for checkpoints, a fall-back to the previous one), never a traceback or
+silent garbage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from calofm.config import first_line
+from calofm.data.output import write_text_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST = "calofm_checksums.json"
@@ -50,10 +51,7 @@ def read_json(path: str | Path) -> dict:
 
 def write_json(path: str | Path, data: dict) -> None:
     """Through a temporary file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -104,38 +102,3 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise DamagedError(path, f"not a readable safetensors file ({first_line(err)})") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def partial_dir(final: Path) -> Path:
-    return final.with_name(final.name + ".partial")
-
-
-@contextlib.contextmanager
-def atomic_folder(final: str | Path):
-    """Yield ``<final>.partial`` to write into; on success it replaces ``final`` (an older folder of that name
-    is removed only then), on any error or Ctrl-C it is removed and ``final`` is left as it was."""
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise ValueError(f"{final}: exists and is not a folder")
-    tmp = partial_dir(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover of an interrupted save
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)

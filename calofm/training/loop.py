@@ -26,8 +26,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from calofm.cards import card_bytes
 from calofm.config import to_dict
 from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
+from calofm.data.output import check_output
 from calofm.diffusion import EDM_DEFAULTS, edm_constant
 from calofm.ema import EMA
 from calofm.geometry import Geometry
@@ -36,7 +38,7 @@ from calofm.training.checkpoint import GracefulStop, checkpoints, load_latest, s
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, prepare_data
 from calofm.training.objective import DiffusionObjective, step_noise
-from calofm.training.saved import CARDS_DIR, card_bytes
+from calofm.training.saved import CARDS_DIR
 from calofm.training.tracking import trackers, trim_metrics
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
     """
     cfg.validate()  # also after changes made in code since construction
     out = Path(cfg.output_dir)
+    check_output(out, run_inputs(cfg), kind="run")  # never onto, into or around the base model or a data file
     created = not out.exists()
     if (out / "model").exists() and not checkpoints(out / "checkpoints"):
         raise ValueError(f"{out / 'model'}: this run has finished already; use another output_dir")
@@ -144,6 +147,13 @@ def train(cfg: TrainConfig, setup: Setup, accelerator: Accelerator | None = None
                 and not (out / "model").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable or usable in it: leave nothing behind
         raise
+
+
+def run_inputs(cfg: TrainConfig) -> list[Path]:
+    """What a run reads and must never write: the data files and a local base model (``init_from``)."""
+    files = [Path(f).expanduser() for src in cfg.data.sources for f in src.files]
+    base = Path(cfg.model.init_from).expanduser() if cfg.model.init_from else None
+    return files + ([base] if base is not None and base.is_dir() else [])
 
 
 def _train(cfg: TrainConfig, setup: Setup, acc: Accelerator, out: Path, stop: GracefulStop) -> Path | None:

@@ -13,15 +13,14 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from calofm.config import to_dict
+from calofm.cards import card_bytes
+from calofm.config import first_line
+from calofm.data.output import atomic_folder
 from calofm.geometry import Geometry, load_geometry_file
 from calofm.training.integrity import (
     DamagedError,
-    atomic_folder,
-    first_line,
     read_json,
     sha256_file,
     verify_manifest,
@@ -69,19 +68,6 @@ def quiet_transformers():
 # ----------------------------------------------------------------------------------------------
 # Geometry cards travel with the model
 # ----------------------------------------------------------------------------------------------
-
-
-def card_bytes(geometry: Geometry) -> bytes:
-    """The card exactly as read (its file), or written out from the parsed card when it has no file."""
-    if geometry.source is not None and Path(geometry.source).is_file():
-        return Path(geometry.source).read_bytes()
-    return yaml.safe_dump(to_dict(geometry.card), sort_keys=False).encode()
-
-
-def card_sha256(geometry: Geometry) -> str:
-    import hashlib
-
-    return hashlib.sha256(card_bytes(geometry)).hexdigest()
 
 
 def card_file(name: str) -> str:

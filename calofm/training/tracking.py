@@ -10,6 +10,8 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
+from calofm.data.output import write_text_atomic
+
 
 class JsonlTracker(GeneralTracker):
     """Appends one JSON object per ``log`` call to ``<logging_dir>/metrics.jsonl``.
@@ -68,9 +70,7 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keep = [json.dumps(r) for r in records if step > 0 and ("config" in r or r["step"] <= step)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
