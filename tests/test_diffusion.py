@@ -170,7 +170,8 @@ def test_edm_loss_per_sample_finite_and_reproducible(noise):
     assert loss.shape == (4,) and torch.isfinite(loss).all() and (loss > 0).all()
     again = edm_loss(precond, x, cond, generator=torch.Generator().manual_seed(7))
     assert torch.equal(loss, again)
-    sigma, eps = draw_sigma_noise(x, torch.Generator().manual_seed(7))  # the same draw, passed in explicitly
+    cfg = precond.net.config  # the same draw with the model's own P_mean/P_std, passed in explicitly
+    sigma, eps = draw_sigma_noise(x, torch.Generator().manual_seed(7), cfg.P_mean, cfg.P_std)
     assert torch.equal(edm_loss(precond, x, cond, sigma=sigma, noise=eps), loss)
     # per sample: a sample's loss does not depend on the rest of the batch
     part = edm_loss(precond, x[:2], {k: v[:2] for k, v in cond.items()}, sigma=sigma[:2], noise=eps[:2])
@@ -191,7 +192,9 @@ def test_loss_decreases_when_training_tiny_model():
     profile = torch.exp(-((torch.arange(45) - 12.0) ** 2) / 50)
     x = (profile * 2 - 1).expand(4, 9, 16, 45) + 0.1 * torch.randn(4, 9, 16, 45, generator=g)
     cond = cond_for(4)
-    eval_sigma, eval_noise = draw_sigma_noise(x.repeat(4, 1, 1, 1), torch.Generator().manual_seed(1))
+    eval_sigma, eval_noise = draw_sigma_noise(
+        x.repeat(4, 1, 1, 1), torch.Generator().manual_seed(1), model.config.P_mean, model.config.P_std
+    )
     cond4 = {k: v.repeat(4) for k, v in cond.items()}
 
     def eval_loss():
