@@ -15,7 +15,8 @@ and compare with ``calofm evaluate``. One table row per variant and geometry:
     mean S     mean separation power of all CaloChallenge high-level histograms
     AUC lo/hi  classifier on cells / on high-level features (0.5 = indistinguishable)
     FPD, KPD   x1e3, each beside its floor: the same metric between two halves of the reference
-    ms/shower  generation time at the demo's sampler settings, batch 250, on this machine
+    ms/shower  generation time at the demo's sampler settings, batch 250, on this machine, measured in a
+               last pass over all finished runs (``--table`` repeats only that pass: run it alone)
 
 ``--long`` adds a row at ``--long-budget`` times the budget for one variant (the trend with training).
 Finished stages are reused when the script is run again (delete the folder to start over).
@@ -112,22 +113,32 @@ def reference(geometry: str, n: int, out: Path) -> Path:
     return path
 
 
-def generate(model: Path, geometry: str, ref: Path, out: Path, steps: int) -> tuple[Path, float]:
+def generate(model: Path, geometry: str, ref: Path, out: Path, steps: int) -> Path:
     from calofm.cli import main
 
-    path, timing = out / f"{geometry}.h5", out / f"{geometry}.time.json"
-    if not path.exists() or not timing.exists():
-        t0 = time.perf_counter()
+    path = out / f"{geometry}.h5"
+    if not path.exists():
         rc = main(["-q", "generate", "--model", str(model), "--geometry", geometry, "--like", str(ref), "--steps",
                    str(steps), "--out", str(path), "--seed", "1", "--batch-size", "250", "--overwrite"])
         if rc:
             raise SystemExit(f"generation failed ({rc})")
-        import h5py
+    return path
 
-        with h5py.File(path, "r") as f:
-            n = len(f["incident_energy"])
-        timing.write_text(json.dumps({"ms_per_shower": 1e3 * (time.perf_counter() - t0) / n}))
-    return path, json.loads(timing.read_text())["ms_per_shower"]
+
+def ms_per_shower(model: Path, geometry: str, steps: int, n: int = 500, batch: int = 250) -> float:
+    """Sampling time (ms/shower) through ``calofm.load(...).sample`` at batch ``batch``, after one warm-up
+    batch; measured in the final pass, when no training runs beside it."""
+    import numpy as np
+
+    import calofm
+
+    gen = calofm.load(str(model), device="cpu")
+    energy = np.geomspace(1.0, 1000.0, batch)
+    gen.sample(geometry=geometry, energy_gev=energy, steps=steps, seed=0)
+    t0 = time.perf_counter()
+    for k in range(n // batch):
+        gen.sample(geometry=geometry, energy_gev=energy, steps=steps, seed=k + 1)
+    return 1e3 * (time.perf_counter() - t0) / (n // batch * batch)
 
 
 def evaluate(ref: Path, gen: Path, out: Path) -> dict:
@@ -170,23 +181,24 @@ def run_variant(variant: str, budget: float, cost: dict, args, out: Path) -> lis
     for geometry in (*PRETRAIN, ADAPT):
         model = adapter if geometry == ADAPT else base
         ref = reference(geometry, args.eval_showers, out)
-        gen, ms = generate(model, geometry, ref, out / tag / "generated", args.sample_steps)
+        gen = generate(model, geometry, ref, out / tag / "generated", args.sample_steps)
         report = evaluate(ref, gen, out / tag / "evaluation" / geometry)
-        rows.append({"variant": variant, "budget": budget, "geometry": geometry, "ms": ms,
+        rows.append({"variant": variant, "budget": budget, "geometry": geometry, "model": str(model),
                      "pretrain_steps": pre_steps, "adapt_steps": ad_steps, **row(report, geometry)})
-        print(table(rows[-1:]), flush=True)
+    (out / tag / "rows.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["single", "factorised"], choices=["single", "factorised"])
+    ap.add_argument("--variants", nargs="*", default=["single", "factorised"], choices=["single", "factorised"])
     ap.add_argument("--long", choices=["single", "factorised"], help="variant to also train at --long-budget")
     ap.add_argument("--long-budget", type=float, default=4.0)
     ap.add_argument("--eval-showers", type=int, default=2000)
     ap.add_argument("--sample-steps", type=int, default=10, help="Heun steps (the demo's)")
     ap.add_argument("--out", default="runs/bench_fidelity")
     ap.add_argument("--cache", default=None, help="simulated data cache (default: <out>/cache)")
+    ap.add_argument("--table", action="store_true", help="no training: time and tabulate the finished runs")
     args = ap.parse_args()
     out = Path(args.out)
     args.cache = args.cache or str(out / "cache")
@@ -197,14 +209,18 @@ def main() -> None:
                                                    args.cache)))
     cost = json.loads(cost_file.read_text())
     print("seconds per training step (small, batch 32): " + ", ".join(f"{k} {v:.3f}" for k, v in cost.items()))
-    rows = []
-    for variant in args.variants:
-        rows += run_variant(variant, 1.0, cost, args, out)
-    if args.long:
-        rows += run_variant(args.long, args.long_budget, cost, args, out)
+    if not args.table:
+        for variant in args.variants:
+            run_variant(variant, 1.0, cost, args, out)
+        if args.long:
+            run_variant(args.long, args.long_budget, cost, args, out)
+    # the table: every finished run in the folder, timed now (run the variants in parallel processes if
+    # you like, then `--table` alone on a quiet machine for the ms/shower column)
+    rows = [r for f in sorted(out.glob("*_x*/rows.json")) for r in json.loads(f.read_text())]
+    for r in rows:
+        r["ms"] = ms_per_shower(Path(r["model"]), r["geometry"], args.sample_steps)
     (out / "fidelity.json").write_text(json.dumps(rows, indent=1))
     print("\n" + table(rows))
-
 
 if __name__ == "__main__":
     main()

@@ -72,8 +72,8 @@ def main() -> None:
     for name in args.only or SETTINGS:
         tag = name.replace(" ", "_").replace("+", "plus_")
         model, meta = adapt(Path(args.base), SETTINGS[name], out / tag, cache)
-        gen, ms = generate(model, ADAPT, ref, out / tag / "generated", args.sample_steps)
-        r = {"setting": name, **meta, "ms": ms, **row(evaluate(ref, gen, out / tag / "evaluation"), ADAPT)}
+        gen = generate(model, ADAPT, ref, out / tag / "generated", args.sample_steps)
+        r = {"setting": name, **meta, **row(evaluate(ref, gen, out / tag / "evaluation"), ADAPT)}
         rows.append(r)
         print(json.dumps(r), flush=True)
     (out / "lora.json").write_text(json.dumps(rows, indent=1))
