@@ -320,7 +320,8 @@ class ProfilePreprocessor:
         mean, std = self._table(slots, y.dtype, y.device)
         v = y * std + mean
         # a shower deposits at most E_inc, a layer at most the total: also keeps exp() finite for any y
-        total = torch.as_tensor(energy, dtype=y.dtype, device=y.device).reshape(-1, 1) * torch.exp(v[:, :1].clamp_max(0))
+        e_inc = torch.as_tensor(energy, dtype=y.dtype, device=y.device).reshape(-1, 1)
+        total = e_inc * torch.exp(v[:, :1].clamp_max(0))
         shares = (torch.exp(v[:, 1:].clamp_max(math.log1p(self.eps))) - self.eps).clamp_min(0.0)
         shares = torch.where(shares >= self.noise_cut * self.eps, shares, torch.zeros_like(shares))
         norm = shares.sum(dim=1, keepdim=True)

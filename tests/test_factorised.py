@@ -165,6 +165,13 @@ def test_full_and_scratch_runs_of_the_factorised_variant(tmp_path, base, cache, 
     assert np.isfinite(s).all() and s.sum() > 0
 
 
+def test_training_default_is_the_factorised_variant_in_layer_mode():
+    from calofm.training.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.model.variant == "factorised" and cfg.preprocess.mode is None and cfg.preprocess.floor is None
+
+
 def test_single_variant_has_no_energy_model():
     single, fact = create_model("tiny"), create_model("tiny", variant="factorised")
     assert not hasattr(single, "energy_net") and hasattr(fact, "energy_net")

@@ -128,8 +128,8 @@ class PreprocessConfig(Validated):
     mode: Literal["fraction", "absolute", "layer"] | None = None
     eps: float | None = None  # default 1e-6 (fraction, layer) or 1e-3 MeV (absolute)
     noise_cut: float = 2.0  # generated cells below noise_cut * eps * unit are set to 0
-    # empty-cell floor as a fraction of the readout threshold (instead of eps x unit); default: none (single),
-    # 0.3 (factorised), see docs/fidelity.md
+    # empty-cell floor as a fraction of the readout threshold (instead of eps x unit); default none: a floor
+    # helps ILD's hit count and hurts Si-W's and ODD's (docs/fidelity.md)
     floor: float | None = None
     profile_eps: float = 1e-6  # factorised: floor of the layer shares E_z / E_tot
     profile_noise_cut: float = 1.0  # factorised: sampled shares below profile_noise_cut * profile_eps -> 0
@@ -145,8 +145,9 @@ class PreprocessConfig(Validated):
 @dataclass
 class ModelConfig(Validated):
     preset: str = "small"  # tiny | small | base (calofm.models.PRESETS)
-    # "single": one network for the whole shower (CaloDiT-2); "factorised": energy model + per-layer shapes
-    variant: Literal["single", "factorised"] = "single"
+    # "factorised" (default): energy model + per-layer shapes, energy-true; "single": one network for the
+    # whole shower (CaloDiT-2's layout). docs/fidelity.md has the measurements behind the default.
+    variant: Literal["single", "factorised"] = "factorised"
     hidden_size: int | None = None  # optional overrides of the preset
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None

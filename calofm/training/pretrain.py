@@ -32,16 +32,15 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
             net, _, _ = load_model(m.init_from)
             space = ModelSpace.from_config(net.config)
             cell_max = {} if space.factorised else cell_maxima(data.train, stats_n, space.shower)
-            if space.factorised:  # geometries new to the model get their profile statistics; known ones keep theirs
-                new = {n: g.slot for n, g in data.geometries.items() if n not in space.profile.geometries}
-                if new:
-                    fit_profile(data.train, stats_n, new, space.profile)
-            try:  # the base's claims are checked: a geometry keeps its slot, a slot keeps its geometry
+            try:  # the base's claims are checked first: a geometry keeps its slot, a slot keeps its geometry
                 for name, g in data.geometries.items():
                     net.config.add_geometry(name, g.slot, g.card.threshold, cell_max.get(name))
             except ValueError as err:
                 raise ValueError(f"{m.init_from}: {err}") from None
-            if space.factorised:
+            if space.factorised:  # geometries new to the model get their profile statistics; known ones keep theirs
+                new = {n: g.slot for n, g in data.geometries.items() if n not in space.profile.geometries}
+                if new:
+                    fit_profile(data.train, stats_n, new, space.profile)
                 net.config.profile_preprocessing = space.profile.state_dict()
             # trained further on these geometries only: it no longer generates the others as the base did
             net.config.keep_geometries(data.geometries)
