@@ -170,15 +170,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_variant(variant: str, budget: float, cost: dict, args, out: Path) -> list[dict]:
+def run_variant(variant: str, budget: float, cost: dict, args, out: Path, adapt_too: bool = True) -> list[dict]:
     scale = budget * cost["single"] / cost[variant]  # same seconds as the demo's single-variant run
     tag = f"{variant}_x{budget:g}"
     pre_steps, ad_steps = round(DEMO_PRETRAIN_STEPS * scale), round(DEMO_ADAPT_STEPS * scale)
     print(f"\n=== {tag}: pretrain {pre_steps} steps, adapt {ad_steps} steps ===", flush=True)
     base = pretrain(variant, pre_steps, out / tag / "pretrain", args.cache)
-    adapter = adapt(base, ad_steps, out / tag / "adapt", args.cache)
+    adapter = adapt(base, ad_steps, out / tag / "adapt", args.cache) if adapt_too else None
     rows = []
-    for geometry in (*PRETRAIN, ADAPT):
+    for geometry in (*PRETRAIN, ADAPT) if adapt_too else PRETRAIN:
         model = adapter if geometry == ADAPT else base
         ref = reference(geometry, args.eval_showers, out)
         gen = generate(model, geometry, ref, out / tag / "generated", args.sample_steps)
@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["single", "factorised"], choices=["single", "factorised"])
     ap.add_argument("--long", choices=["single", "factorised"], help="variant to also train at --long-budget")
     ap.add_argument("--long-budget", type=float, default=4.0)
+    ap.add_argument("--long-no-adapt", action="store_true", help="the long row for the pretraining geometries only")
     ap.add_argument("--eval-showers", type=int, default=2000)
     ap.add_argument("--sample-steps", type=int, default=10, help="Heun steps (the demo's)")
     ap.add_argument("--out", default="runs/bench_fidelity")
@@ -213,7 +214,7 @@ def main() -> None:
         for variant in args.variants:
             run_variant(variant, 1.0, cost, args, out)
         if args.long:
-            run_variant(args.long, args.long_budget, cost, args, out)
+            run_variant(args.long, args.long_budget, cost, args, out, adapt_too=not args.long_no_adapt)
     # the table: every finished run in the folder, timed now (run the variants in parallel processes if
     # you like, then `--table` alone on a quiet machine for the ms/shower column)
     rows = [r for f in sorted(out.glob("*_x*/rows.json")) for r in json.loads(f.read_text())]
