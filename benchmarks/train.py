@@ -26,7 +26,8 @@ STEPS = {"tiny": 40, "small": 30, "base": 8}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(preset: str, batch: int, workers: int, cache: str, out: Path, steps: int, variant: str) -> dict:
+def measure(preset: str, batch: int, workers: int, cache: str, out: Path, steps: int, variant: str | None
+            ) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     from calofm.config import from_dict
@@ -38,7 +39,8 @@ def measure(preset: str, batch: int, workers: int, cache: str, out: Path, steps:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     log_every = max(steps // 4, 1)
-    model = {"preset": preset} if variant == "single" else {"preset": preset, "variant": variant}
+    # variant None: the code's own default (commits before the variants existed know no such key)
+    model = {"preset": preset} if variant is None else {"preset": preset, "variant": variant}
     cfg = from_dict(TrainConfig, {
         "output_dir": str(out), "steps": steps, "batch_size": batch, "log_every": log_every,
         "val_every": 10**6, "save_every": 10**6, "tensorboard": False, "resume": False,
@@ -59,7 +61,7 @@ def measure_at(ref: str, tree: Path, preset: str, args, cache: str, out: Path) -
     """``measure`` with the code of the git worktree ``tree`` (an earlier commit), in a subprocess."""
     code = (f"import json, sys; sys.path.insert(0, {str(tree)!r}); sys.path.insert(1, {str(ROOT / 'benchmarks')!r}); "
             f"from train import measure; print(json.dumps(measure({preset!r}, {args.batch_size}, {args.workers}, "
-            f"{cache!r}, __import__('pathlib').Path({str(out)!r}), {STEPS[preset]}, 'single')))")
+            f"{cache!r}, __import__('pathlib').Path({str(out)!r}), {STEPS[preset]}, None)))")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree)
     if res.returncode:

@@ -47,7 +47,7 @@ def test_both_parts_learn_and_the_model_round_trips(base):
     for (k, a), (_, b) in zip(model.state_dict().items(), auto.state_dict().items()):
         assert torch.equal(a, b), k
     cfg = model.config
-    assert cfg.preprocessing["mode"] == "layer" and cfg.geometry_cell_max == {}
+    assert cfg.preprocessing["mode"] == "fraction" and cfg.geometry_cell_max == {}
     assert set(cfg.profile_preprocessing["stats"]) == {"par04_siw", "ild"}
     assert {n: e["slot"] for n, e in cfg.profile_preprocessing["stats"].items()} == cfg.geometry_slots
     assert any(k.startswith("energy_net.") for k in model.state_dict())

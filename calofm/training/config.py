@@ -124,10 +124,13 @@ class DataConfig(Validated):
 class PreprocessConfig(Validated):
     """Model-space transforms (calofm.preprocess); means and stds are fitted on the training data."""
 
-    # cell energy / E_inc, in MeV, or / its layer's energy; default: "fraction" (single), "layer" (factorised)
+    # cell energy / E_inc ("fraction", the default), in MeV, or / its layer's energy ("layer", factorised only:
+    # right hit counts but too-broad high-energy showers, docs/fidelity.md)
     mode: Literal["fraction", "absolute", "layer"] | None = None
     eps: float | None = None  # default 1e-6 (fraction, layer) or 1e-3 MeV (absolute)
-    noise_cut: float = 2.0  # generated cells below noise_cut * eps * unit are set to 0
+    # generated cells below noise_cut * eps * unit are set to 0; default 1 (factorised) or 2 (single), measured:
+    # docs/fidelity.md and docs/pretraining.md
+    noise_cut: float | None = None
     # empty-cell floor as a fraction of the readout threshold (instead of eps x unit); default none: a floor
     # helps ILD's hit count and hurts Si-W's and ODD's (docs/fidelity.md)
     floor: float | None = None
@@ -136,7 +139,7 @@ class PreprocessConfig(Validated):
 
     def validate(self) -> None:
         check_float("preprocess.eps", self.eps, 0.0, low_open=True, optional=True)
-        check_float("preprocess.noise_cut", self.noise_cut, 0.0)
+        check_float("preprocess.noise_cut", self.noise_cut, 0.0, optional=True)
         check_float("preprocess.floor", self.floor, 0.0, 100.0, low_open=True, optional=True)
         check_float("preprocess.profile_eps", self.profile_eps, 0.0, 1.0, low_open=True, high_open=True)
         check_float("preprocess.profile_noise_cut", self.profile_noise_cut, 0.0)
