@@ -134,10 +134,11 @@ def ms_per_shower(model: Path, geometry: str, steps: int, n: int = 500, batch: i
 
     gen = calofm.load(str(model), device="cpu")
     energy = np.geomspace(1.0, 1000.0, batch)
-    gen.sample(geometry=geometry, energy_gev=energy, steps=steps, seed=0)
+    kw = {"geometry": geometry, "energy_gev": energy, "phi": 0.0, "theta": 1.5708, "steps": steps}
+    gen.sample(**kw, seed=0)
     t0 = time.perf_counter()
     for k in range(n // batch):
-        gen.sample(geometry=geometry, energy_gev=energy, steps=steps, seed=k + 1)
+        gen.sample(**kw, seed=k + 1)
     return 1e3 * (time.perf_counter() - t0) / (n // batch * batch)
 
 
