@@ -47,7 +47,8 @@ def test_both_parts_learn_and_the_model_round_trips(base):
     for (k, a), (_, b) in zip(model.state_dict().items(), auto.state_dict().items()):
         assert torch.equal(a, b), k
     cfg = model.config
-    assert cfg.preprocessing["mode"] == "fraction" and cfg.geometry_cell_max == {}
+    assert cfg.preprocessing["mode"] == "fraction" and cfg.preprocessing["noise_cut"] == 1.0
+    assert cfg.geometry_cell_max == {}
     assert set(cfg.profile_preprocessing["stats"]) == {"par04_siw", "ild"}
     assert {n: e["slot"] for n, e in cfg.profile_preprocessing["stats"].items()} == cfg.geometry_slots
     assert any(k.startswith("energy_net.") for k in model.state_dict())
@@ -165,11 +166,13 @@ def test_full_and_scratch_runs_of_the_factorised_variant(tmp_path, base, cache, 
     assert np.isfinite(s).all() and s.sum() > 0
 
 
-def test_training_default_is_the_factorised_variant_in_layer_mode():
+def test_training_default_is_the_factorised_variant():
     from calofm.training.config import TrainConfig
 
     cfg = TrainConfig()
+    # mode and noise cut are resolved per variant at fit time (fraction; noise cut 1 factorised, 2 single)
     assert cfg.model.variant == "factorised" and cfg.preprocess.mode is None and cfg.preprocess.floor is None
+    assert cfg.preprocess.noise_cut is None
 
 
 def test_single_variant_has_no_energy_model():
