@@ -4,7 +4,7 @@ The new geometry takes a spare one-hot slot of the base model (its card's slot i
 free one). LoRA trains low-rank updates of the attention, MLP and adaLN-modulation linears
 (``calofm.models.LORA_TARGETS``) and only that slot's row of ``geometry_embed`` (peft trainable tokens),
 so the base is untouched: loaded as an adapter, every base geometry is still exactly the base model.
-An adapter folder (``calofm.training.adapter``) holds peft's files, ``calofm_adapter.json`` (base and its
+An adapter folder (``calofm.hub.adapters``) holds peft's files, ``calofm_adapter.json`` (base and its
 fingerprint, geometry, slot), the geometry's card and checksums. A full fine-tune and ``--merge``'s
 standalone model are new networks: they claim only the adapted geometry. ``--from-scratch`` trains the
 same architecture from random weights, the comparison the foundation model has to win.
@@ -12,22 +12,20 @@ same architecture from random weights, the comparison the foundation model has t
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from torch import nn
 
-from calofm.cli import add_geometry_dir, float_in, int_in, parse_count, run_reporting_errors
-from calofm.config import build, to_dict
-from calofm.training.adapter import (  # noqa: F401 - the adapter API, re-exported
+from calofm.config import to_dict
+from calofm.hub.adapters import (  # noqa: F401 - the adapter API, re-exported
     ADAPTER_FILE,
     AdapterRouter,
     base_of,
+    base_record,
     fingerprint,
     load_adapted,
     load_base,
@@ -193,10 +191,8 @@ def build_adapt_model(a: AdaptConfig):
         n_all = sum(p.numel() for p in net.parameters())
         log.info("adapting to %s (slot %d) with %s: %d of %d parameters trainable", geometry.name, slot, a.kind,
                  n_train, n_all)
-        local = Path(a.base).expanduser()
-        build_model.info = {"geometry": geometry.name, "slot": slot, "base": str(a.base), "method": a.kind,
-                            "base_path": str(local.resolve()) if local.is_dir() else None,
-                            "fingerprint": fingerprint(path), "threshold": geometry.card.threshold,
+        build_model.info = {"geometry": geometry.name, "slot": slot, "method": a.kind, **base_record(a.base, path),
+                            "threshold": geometry.card.threshold,
                             "cell_max": cell_max, "profile": profile,
                             "rank": a.rank if a.kind == "lora" else None, "trainable_parameters": n_train,
                             "total_parameters": n_all}
@@ -208,7 +204,7 @@ def build_adapt_model(a: AdaptConfig):
 
 def save_adapted(a: AdaptConfig, build_model):
     """Setup.save: the adapter folder (LoRA, plus ``<out>/merged`` with --merge) or a full model folder."""
-    from calofm.training.saved import save_model
+    from calofm.hub.folders import save_model
 
     def save(net: nn.Module, out: Path, geometries: dict) -> None:
         info = {**build_model.info, "config": to_dict(a)}
@@ -228,80 +224,3 @@ def save_adapted(a: AdaptConfig, build_model):
             log.info("merged model written to %s", out.parent / "merged")
 
     return save
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: calofm adapt / recipes/adapt.py
-# ----------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--geometry", required=True, help="the new detector (geometry name or .yaml card)")
-    p.add_argument("--samples", type=parse_count, help="simulated training showers when no --data (e.g. 200k)")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="training shower files of the new detector")
-    p.add_argument("--base", help="pretrained model folder or Hub id (default runs/pretrain/model)")
-    p.add_argument("--method", choices=["lora", "full"], help="LoRA adapter (default) or full fine-tuning")
-    p.add_argument("--rank", type=int_in(1, MAX_RANK), help="LoRA rank (default 8)")
-    p.add_argument("--lora-targets", nargs="+", metavar="GROUP",
-                   help="LoRA target groups: attention mlp adaln final embedders (default: attention mlp adaln)")
-    p.add_argument("--steps", type=int_in(1, MAX_STEPS), help="optimiser steps (default 400)")
-    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH))
-    p.add_argument("--lr", type=float_in(0.0, 1.0, low_open=True), help="learning rate (default by method)")
-    p.add_argument("--out", help="output folder (default runs/adapt_<geometry>_<method>)")
-    p.add_argument("--merge", action="store_true", help="LoRA: also write a merged standalone model")
-    p.add_argument("--from-scratch", action="store_true", help="train the same architecture without pretraining")
-    p.add_argument("--seed", type=int_in(0, TRAIN_SEED_MAX))
-    p.add_argument("--cache-dir", help="simulated data cache (default $CALOFM_CACHE or ~/.cache/calofm)")
-    p.add_argument("--config", help="YAML with any AdaptConfig fields (command-line options win)")
-    add_geometry_dir(p)
-
-
-def config_from_args(args: argparse.Namespace) -> AdaptConfig:
-    overrides = []
-    for name, key in (("geometry", "geometry"), ("samples", "samples"), ("base", "base"), ("method", "method"),
-                      ("rank", "rank"), ("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"),
-                      ("out", "output_dir"), ("seed", "seed"), ("cache_dir", "cache_dir")):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    for name, key in (("data", "data"), ("geometry_dir", "geometry_dirs")):
-        if getattr(args, name, None):
-            overrides += [f"--{key}", json.dumps([str(v) for v in getattr(args, name)])]
-    if getattr(args, "lora_targets", None):
-        overrides += ["--lora_targets", json.dumps(args.lora_targets)]
-    if args.merge:
-        overrides += ["--merge", "true"]
-    if args.from_scratch:
-        overrides += ["--from_scratch", "true"]
-
-    @dataclass
-    class _Defaults(AdaptConfig):  # `geometry` has no default; build() needs one to start from
-        geometry: str = ""
-
-    cfg = build(_Defaults, args.config, overrides)
-    return AdaptConfig(**{f.name: getattr(cfg, f.name) for f in fields(AdaptConfig)})
-
-
-def run(args: argparse.Namespace) -> int:
-    from calofm.training.loop import Setup, train
-
-    a = config_from_args(args)
-    if not a.geometry:
-        raise ValueError("--geometry is required")
-    build_model = build_adapt_model(a)
-    final = train(train_config(a, build_model.slot), Setup(build=build_model, save=save_adapted(a, build_model)))
-    if final is not None:
-        info = build_model.info
-        print(f"adapted to {info['geometry']} (slot {info['slot']}, {info['method']}, "
-              f"{info['trainable_parameters']:,} trainable parameters): {final}")
-        print(f"generate with: calofm generate --model {final} --geometry {info['geometry']} --samples 1000 "
-              f"--out gen.h5")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="recipes/adapt.py", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return run_reporting_errors("adapt", lambda: run(args))

@@ -1,7 +1,7 @@
 """Geometry cards as data that travels: their bytes and sha256, the copy a shower file carries, and when two
 cards describe the same detector.
 
-A model or adapter folder stores the cards of its geometries (``calofm.training.saved``). A shower file stores
+A model or adapter folder stores the cards of its geometries (``calofm.hub.folders``). A shower file stores
 its card in two attributes, ``geometry_card`` (the card's text) and ``geometry_card_sha256``: generated files
 always, simulated and imported files when the card is not a built-in one. A reader that finds no card of that
 name (built in, ``--geometry-dir``) uses the file's own; one that does find a card requires the two to agree.

@@ -6,7 +6,7 @@
 
 import sys
 
-from calofm.adapt import main
+from calofm.commands.adapt import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ Unknown keys and wrong types are errors; the run resumes from its newest checkpo
 
 import sys
 
-from calofm.training.pretrain import main
+from calofm.commands.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

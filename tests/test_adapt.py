@@ -12,8 +12,8 @@ from train_helpers import reset_accelerate, run, tiny_config
 from calofm.adapt import ADAPTER_FILE, AdaptConfig, assign_slot, load_adapted, lora_wrap
 from calofm.cli import main as cli
 from calofm.geometry import load_geometry
+from calofm.hub.folders import load_model, save_model
 from calofm.models import CaloDiTConfig, CaloDiTModel
-from calofm.training.saved import load_model, save_model
 from calofm.training.tracking import read_metrics
 
 

@@ -283,7 +283,7 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(stopped, cache, capsys
         flip(ckpt / "model.safetensors", 0.9)
     before = checksums(stopped)
     cfg = tiny_config(stopped, cache, steps=6, save_every=2, val_every=100)
-    from calofm.training.pretrain import main as pretrain
+    from calofm.commands.pretrain import main as pretrain
 
     path = stopped.parent / "cfg.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML

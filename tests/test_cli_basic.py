@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from calofm import cli
-from calofm.cli import join_negative_ranges, main, parse_count, parse_range
+from calofm.cli import join_negative_ranges, main
+from calofm.commands.args import parse_count, parse_range
 from calofm.data import FileAttrs, ShowerFileError, write_showers
 from calofm.geometry import load_geometry
 

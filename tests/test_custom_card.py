@@ -15,9 +15,9 @@ from train_helpers import ROOT, reset_accelerate, run, tiny_config
 
 from calofm.adapt import ADAPTER_FILE
 from calofm.cli import main as cli
+from calofm.commands.pretrain import main as pretrain
 from calofm.data.io import ShowerFile
 from calofm.models import CaloDiTModel
-from calofm.training.pretrain import main as pretrain
 
 
 @pytest.fixture(scope="module")

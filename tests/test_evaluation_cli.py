@@ -120,7 +120,7 @@ def test_cli_evaluate_several_geometries_in_one_report(files, tmp_path, capsys):
 
 def test_metrics_are_chosen_with_spaces_or_commas():
     from calofm.cli import build_parser
-    from calofm.evaluation.cli import options_from_args
+    from calofm.commands.evaluate import options_from_args
 
     def options(*metrics):
         argv = ["evaluate", "-r", "a.h5", "-g", "b.h5", "-o", "out", *(["--metrics", *metrics] if metrics else [])]

@@ -13,10 +13,10 @@ import torch
 import yaml
 from train_helpers import ROOT, reset_accelerate, run, tiny_config
 
+from calofm.commands.pretrain import main
 from calofm.config import ConfigError, build, to_dict
 from calofm.data.io import ShowerFile, read_showers
 from calofm.training.config import TrainConfig
-from calofm.training.pretrain import main
 from calofm.training.tracking import read_metrics
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from calofm.cli import add_geometry_dir, float_in
+from calofm.commands.args import add_geometry_dir, float_in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from calofm.cli import add_geometry_dir
+from calofm.commands.args import add_geometry_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -108,7 +108,7 @@ class CaloDiTConfig(PreTrainedConfig):
     geometry_slots: dict[str, int] = field(default_factory=dict)
     geometry_thresholds: dict[str, float] = field(default_factory=dict)
     geometry_cell_max: dict[str, float] = field(default_factory=dict)
-    # geometry name -> sha256 of its card, stored with the model as geometries/<name>.yaml (calofm.training.saved)
+    # geometry name -> sha256 of its card, stored with the model as geometries/<name>.yaml (calofm.hub.folders)
     geometry_cards: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from calofm.data.output import atomic_folder
-from calofm.training.integrity import (
+from calofm.data.integrity import (
     DamagedError,
     load_tensors,
     read_json,
@@ -34,6 +33,7 @@ from calofm.training.integrity import (
     write_json,
     write_manifest,
 )
+from calofm.data.output import atomic_folder
 
 log = logging.getLogger(__name__)
 FORMAT = 1

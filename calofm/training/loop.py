@@ -29,16 +29,18 @@ from tqdm.auto import tqdm
 from calofm.cards import card_bytes
 from calofm.config import to_dict
 from calofm.data.dataset import StepBatchSampler, make_loader, sequential_batches
+from calofm.data.integrity import write_json
 from calofm.data.output import check_output
 from calofm.diffusion import EDM_DEFAULTS, edm_constant
 from calofm.ema import EMA
 from calofm.geometry import Geometry
+from calofm.hub.folders import CARDS_DIR
 from calofm.preprocess import ModelSpace
 from calofm.training.checkpoint import GracefulStop, checkpoints, load_latest, save_checkpoint
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, prepare_data
 from calofm.training.objective import DiffusionObjective, step_noise
-from calofm.training.saved import CARDS_DIR
+from calofm.training.record import RECORD, training_record
 from calofm.training.tracking import trackers, trim_metrics
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Setup:
     # optional extra metrics at every validation point, e.g. a fidelity metric of generated showers:
     # (network with EMA weights, step) -> {name: value}; runs on the main process
     evaluate: Callable[[nn.Module, int], dict] | None = None
+    kind: str = "pretrained"  # what calofm_training.json calls the run: pretrained, lora, full, scratch
 
 
 class TrainState:
@@ -157,6 +160,7 @@ def run_inputs(cfg: TrainConfig) -> list[Path]:
 
 
 def _train(cfg: TrainConfig, setup: Setup, acc: Accelerator, out: Path, stop: GracefulStop) -> Path | None:
+    t_run = time.perf_counter()
     set_seed(cfg.seed)
     with acc.main_process_first():
         data = prepare_data(cfg.data, progress=acc.is_local_main_process, check_values=acc.is_main_process)
@@ -259,6 +263,9 @@ def _train(cfg: TrainConfig, setup: Setup, acc: Accelerator, out: Path, stop: Gr
     acc.wait_for_everyone()
     if acc.is_main_process:
         setup.save(_ema_copy(acc, model, ema), final, data.geometries)
+        record = training_record(cfg, data, setup.kind, acc.num_processes, str(acc.mixed_precision),
+                                 time.perf_counter() - t_run, start_step)
+        write_json(final / RECORD, record)  # descriptive only (the model card's source), so outside the manifest
         acc.print(f"saved {final}")
     acc.wait_for_everyone()
     acc.end_training()

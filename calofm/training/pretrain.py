@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from torch import nn
 
-from calofm.cli import run_reporting_errors
-from calofm.config import build
+from calofm.hub.folders import load_model, save_model
 from calofm.preprocess import ModelSpace, ProfilePreprocessor, ShowerPreprocessor
 from calofm.training.config import TrainConfig
 from calofm.training.data import RunData, cell_maxima, fit_preprocessor, fit_profile
-from calofm.training.loop import Setup, train
-from calofm.training.saved import load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +72,5 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
 
 
 def save_pretrained(net: nn.Module, out: Path, geometries: dict) -> None:
-    """The final model folder: weights, config and the cards of the run's geometries (calofm.training.saved)."""
+    """The final model folder: weights, config and the cards of the run's geometries (calofm.hub.folders)."""
     save_model(net, out, geometries)
-
-
-def parse(argv: list[str] | None = None) -> TrainConfig:
-    ap = argparse.ArgumentParser(
-        prog="recipes/pretrain.py",
-        description="Pretrain CaloDiT on several geometries. Any config field can be overridden: --steps 200, "
-        "--model.preset base, --data.cache_dir DIR, --optim.lr=3e-4 (see calofm/training/config.py).",
-    )
-    ap.add_argument("--config", help="recipe YAML (recipes/configs/*.yaml); default: the embedded CPU demo")
-    args, overrides = ap.parse_known_args(argv)
-    return build(TrainConfig, args.config, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    def pretrain() -> int:
-        cfg = parse(argv)
-        train(cfg, Setup(build=build_pretrain_model(cfg), save=save_pretrained))
-        return 0
-
-    return run_reporting_errors("pretrain", pretrain)

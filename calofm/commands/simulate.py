@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calofm.cli import SEED, add_geometry_dir, parse_count, parse_range, torch_device
+from calofm.commands.args import SEED, add_geometry_dir, parse_count, parse_range, torch_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,9 +17,7 @@ from torch import nn
 
 from calofm.cards import card_bytes
 from calofm.config import first_line
-from calofm.data.output import atomic_folder
-from calofm.geometry import Geometry, load_geometry_file
-from calofm.training.integrity import (
+from calofm.data.integrity import (
     DamagedError,
     read_json,
     sha256_file,
@@ -27,27 +25,13 @@ from calofm.training.integrity import (
     write_json,
     write_manifest,
 )
+from calofm.data.output import atomic_folder
+from calofm.geometry import Geometry, load_geometry_file
+from calofm.hub.resolve import resolve
 
 log = logging.getLogger(__name__)
 CARDS_DIR = "geometries"
 WEIGHTS = "model.safetensors"
-
-
-def resolve(path_or_repo: str | Path) -> Path:
-    """A local folder, or a Hub repo id fetched (or found offline in the cache) with ``snapshot_download``."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path}: a model is a folder (config.json + model.safetensors), not a file")
-        return path
-    if str(path_or_repo).count("/") != 1 or str(path_or_repo).startswith((".", "/")):
-        raise ValueError(f"{path_or_repo}: no such model folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path_or_repo)))
-    except Exception as err:  # offline without a cached copy, unknown repo, ...
-        raise ValueError(f"{path_or_repo}: not a local folder and not available from the Hub ({err})") from None
 
 
 @contextlib.contextmanager
@@ -130,13 +114,13 @@ def check_model_folder(path: Path) -> dict:
     return config
 
 
-def load_model(path_or_repo: str | Path, dtype: torch.dtype = torch.float32):
+def load_model(path_or_repo: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """(CaloDiTModel, {name: Geometry of its stored cards}, folder) of a checked model folder or Hub id."""
     from safetensors import SafetensorError
 
     from calofm.models import CaloDiTConfig, CaloDiTModel
 
-    path = resolve(path_or_repo)
+    path = resolve(path_or_repo, revision)
     check_model_folder(path)
     try:
         config = CaloDiTConfig.from_pretrained(path)

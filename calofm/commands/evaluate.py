@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from calofm.cli import SEED, add_geometry_dir, float_in, int_in, parse_range
+from calofm.commands.args import SEED, add_geometry_dir, float_in, int_in, parse_range
 
 METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd")
 MIN_SHOWERS = 10  # = calofm.evaluation.suite.MIN_SHOWERS (not imported: `calofm --help` stays light)

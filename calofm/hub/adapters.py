@@ -22,9 +22,7 @@ import torch
 from torch import nn
 
 from calofm.config import first_line
-from calofm.data.output import atomic_folder
-from calofm.geometry import MESH_SHAPE, Geometry
-from calofm.training.integrity import (
+from calofm.data.integrity import (
     DamagedError,
     read_json,
     sha256_file,
@@ -32,21 +30,24 @@ from calofm.training.integrity import (
     write_json,
     write_manifest,
 )
-from calofm.training.saved import (
+from calofm.data.output import atomic_folder
+from calofm.geometry import MESH_SHAPE, Geometry
+from calofm.hub.folders import (
     WEIGHTS,
     card_file,
     load_model,
     quiet_transformers,
     read_card,
-    resolve,
     write_cards,
 )
+from calofm.hub.resolve import resolve, snapshot_commit
 
 ADAPTER_FILE = "calofm_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = 2  # 2: checksums and the card are stored with the adapter
 REQUIRED = {"geometry": str, "slot": int, "threshold": (int, float), "fingerprint": str, "base": str}
-OPTIONAL = {"cell_max": (int, float), "profile": dict, "base_path": str, "base_relative": str, "format": int}
+OPTIONAL = {"cell_max": (int, float), "profile": dict, "base_path": str, "base_relative": str, "format": int,
+            "base_revision": str}
 
 
 @contextlib.contextmanager
@@ -62,9 +63,9 @@ def fingerprint(model_dir: Path) -> str:
     return sha256_file(Path(model_dir) / WEIGHTS)
 
 
-def load_base(base: str | Path, dtype=torch.float32):
-    """(network, its cards, folder) of a base model fit for adaptation, checked."""
-    path = resolve(base)
+def load_base(base: str | Path, dtype=torch.float32, revision: str | None = None):
+    """(network, its cards, folder) of a base model fit for adaptation, checked; ``base`` a folder or Hub id."""
+    path = resolve(base, revision)
     if (path / "adapter_config.json").exists():
         raise ValueError(f"{base}: is an adapter, not a base model (merge it first with --merge)")
     net, cards, path = load_model(path, dtype=dtype)
@@ -108,13 +109,25 @@ def read_adapter(path: Path) -> tuple[dict, Geometry | None]:
     return info, read_card(path, info["geometry"], card["sha256"], path / ADAPTER_FILE)
 
 
-def base_of(adapter: Path, info: dict) -> str:
-    """Where an adapter's base model is: next to the adapter as it was when trained, at its absolute
-    path, else as given at training time (a Hub repo id, or a path from the working directory)."""
+def base_of(adapter: Path, info: dict) -> tuple[str, str | None]:
+    """(where, revision) of an adapter's base model: next to the adapter as it was when trained, at its
+    absolute path, else as given at training time: a Hub repo id at the recorded commit, or a path from the
+    working directory."""
     for key, root in (("base_relative", adapter), ("base_path", Path("/"))):
         if isinstance(info.get(key), str) and (root / info[key]).is_dir():
-            return str(root / info[key])
-    return info["base"]
+            return str(root / info[key]), None
+    return info["base"], info.get("base_revision")
+
+
+def base_record(base: str, folder: Path) -> dict:
+    """How an adapter records its base: as given, its local folder (absolute) unless that is a Hub cache
+    snapshot, the Hub commit if it came from the Hub, and the fingerprint of its weights."""
+    from calofm.hub.resolve import is_repo_id, split_revision
+
+    commit = snapshot_commit(folder)
+    repo = split_revision(base)[0] if is_repo_id(base) else base
+    return {"base": repo, "base_path": None if commit else str(Path(folder).resolve()),
+            "base_revision": commit, "fingerprint": fingerprint(folder)}
 
 
 class WithoutAdapter(nn.Module):
@@ -177,7 +190,8 @@ def open_adapter(path: str | Path, dtype=torch.float32, mode: str = "fast"):
 
     path = Path(path)
     info, card = read_adapter(path)
-    base, cards, base_path = load_base(base_of(path, info), dtype=dtype)
+    where, revision = base_of(path, info)
+    base, cards, base_path = load_base(where, dtype=dtype, revision=revision)
     if fingerprint(base_path) != info["fingerprint"]:
         raise ValueError(f"{path}: adapter was trained on a different base model than {info['base']} "
                          f"(weights fingerprint differs)")
