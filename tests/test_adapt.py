@@ -79,6 +79,17 @@ def test_lora_adaptation_run_round_trips(tmp_path, base, cache, monkeypatch):
     info = json.loads((adapter / ADAPTER_FILE).read_text())
     assert info["geometry"] == "allegro" and info["slot"] == 5 and info["method"] == "lora"
     assert info["trainable_parameters"] < 0.3 * info["total_parameters"]
+    assert info["base_revision"] is None  # a local base: no Hub commit
+    # how each model was made, for its card: kind, steps, showers per geometry, no local paths
+    rec = json.loads((adapter / "calofm_training.json").read_text())
+    assert rec["kind"] == "lora" and rec["steps"] == 8 and rec["samples_seen"] == 8 * 16
+    assert rec["geometries"]["allegro"]["train_showers"] == 256 and rec["geometries"]["allegro"]["val_showers"] > 0
+    assert rec["geometries"]["allegro"]["sources"][0]["generator"].startswith("calofm-sim")
+    base_rec = json.loads((Path(base) / "calofm_training.json").read_text())
+    assert base_rec["kind"] == "pretrained" and set(base_rec["geometries"]) == {"par04_siw", "ild"}
+    assert base_rec["geometries"]["par04_siw"]["train_showers"] == 384
+    for text in ((adapter / "calofm_training.json").read_text(), (Path(base) / "calofm_training.json").read_text()):
+        assert str(tmp_path) not in text and str(cache) not in text and str(Path(base).parent) not in text
     assert (adapter / "adapter_model.safetensors").stat().st_size < (Path(base) / "model.safetensors").stat().st_size
     # loss on the new detector falls
     recs = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if "val/allegro" in r]
