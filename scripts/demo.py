@@ -1,7 +1,7 @@
 """`make demo`: the main calofm job end to end on the embedded default, on a CPU.
 
 simulate (every geometry) -> validate -> pretrain (Par04 Si-W, ODD, ILD) -> generate -> evaluate
--> adapt to ALLEGRO (LoRA) -> generate -> evaluate. Everything lands in demo_out/ (--out).
+-> adapt to ALLEGRO (LoRA) -> generate -> evaluate -> model cards. Everything lands in demo_out/ (--out).
 Each stage is the library call behind the corresponding CLI command or recipe.
 """
 
@@ -126,6 +126,10 @@ def main() -> None:
     reports[ADAPT_GEOMETRY] = generate_and_evaluate(adapter, ADAPT_GEOMETRY, out, args.eval_samples,
                                                     args.sample_steps, args.metrics)
     print(f"({time.perf_counter() - t:.0f} s)")
+
+    stage("5. model cards (written locally; calofm push would upload them)")
+    cli("card", model, "--metrics", *(reports[g] / "metrics.json" for g in PRETRAIN_GEOMETRIES))
+    cli("card", adapter, "--metrics", reports[ADAPT_GEOMETRY] / "metrics.json")
 
     print(f"\n=== done in {(time.perf_counter() - t_start) / 60:.1f} min ===")
     summary(reports)

@@ -18,7 +18,10 @@ def test_builtin_cards_are_package_data_found_with_importlib_resources():
     assert load_geometry("odd").source == builtin_dir() / "odd.yaml"
     # the wheel takes them as package data; the repository keeps geometries/ at the top as the source of truth
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'calofm = ["py.typed", "geometries/*.yaml"]' in pyproject and "data-files" not in pyproject
+    assert '"geometries/*.yaml"' in pyproject and "data-files" not in pyproject
+    # so do the model/dataset card templates of hub/ (calofm/hub/templates links there)
+    assert '"hub/templates/*.md"' in pyproject
+    assert (importlib.resources.files("calofm") / "hub" / "templates" / "model_card.md").is_file()
     assert (importlib.resources.files("calofm") / "py.typed").is_file()
     repo_cards = REPO / "geometries"
     assert builtin_dir() == repo_cards.resolve()

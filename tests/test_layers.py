@@ -15,16 +15,18 @@ FLOORS = [  # (floor, module prefixes), bottom to top
     (2, ("calofm.sim",)),
     (3, ("calofm.models", "calofm.diffusion", "calofm.preprocess", "calofm.ema")),
     (4, ("calofm.hub",)),
-    (5, ("calofm.training", "calofm.adapt", "calofm.generate", "calofm.evaluation")),
+    # sharing sits with evaluation: model cards quote evaluation results and training records
+    (5, ("calofm.training", "calofm.adapt", "calofm.generate", "calofm.evaluation", "calofm.hub.modelcard",
+         "calofm.hub.push", "calofm.hub.datasets")),
     (6, ("calofm.cli", "calofm.commands")),
 ]
 
 
 def floor_of(module: str) -> int | None:
-    for floor, prefixes in FLOORS:
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return floor
-    return None
+    """The floor of the longest matching prefix (calofm.hub.push is not calofm.hub's floor)."""
+    matches = [(len(p), floor) for floor, prefixes in FLOORS for p in prefixes
+               if module == p or module.startswith(p + ".")]
+    return max(matches)[1] if matches else None
 
 
 def modules() -> dict[str, Path]:

@@ -32,6 +32,11 @@ def split_revision(spec: str, revision: str | None = None) -> tuple[str, str | N
     return repo, rev
 
 
+def valid_repo_id(text: str) -> bool:
+    """``ORG/NAME`` as the Hub accepts it (no '..', '--' or a '.git' ending)."""
+    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".git")
+
+
 def is_repo_id(spec: str | Path) -> bool:
     """A Hub repo id (``ORG/NAME`` with an optional ``@REV``) that is not an existing local path."""
     text = str(spec)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +25,8 @@ class RunData:
     geometries: dict[str, Geometry]
 
 
-def _split_files(src: SourceConfig, geometry: Geometry, check_values: bool) -> tuple[list[Source], list[Source]]:
+def _split_files(src: SourceConfig, geometry: Geometry, check_values: bool,
+                 cache=None) -> tuple[list[Source], list[Source]]:
     """User files: the last ``val_samples`` rows of the last file are held out for validation.
 
     The source's weight is shared out over its files in proportion to their training rows, so a geometry
@@ -35,8 +35,9 @@ def _split_files(src: SourceConfig, geometry: Geometry, check_values: bool) -> t
     bad data is a one-line error before the run creates anything, not a crash in a loader worker.
     """
     from calofm.data.io import validate_file
+    from calofm.hub.datasets import data_files
 
-    paths = [Path(p).expanduser() for p in src.files]
+    paths = [p for spec in src.files for p in data_files(spec, geometry.name, cache)]  # a Hub dataset id: its file
     sizes = []
     for p in paths:
         if check_values:
@@ -80,7 +81,7 @@ def prepare_data(cfg: DataConfig, extra_geometry_dirs=None, progress: bool = Tru
             raise ValueError(f"geometry '{geometry.name}' is listed twice in data.sources")
         geos[geometry.name] = geometry
         if src.files:
-            tr, va = _split_files(src, geometry, check_values)
+            tr, va = _split_files(src, geometry, check_values, cfg.cache_dir)
         else:
             sim = dict(cache=cfg.cache_dir, energy=src.energy, spectrum=src.spectrum, progress=progress)
             tr = [Source(simulated_file(card, src.samples, seed=cfg.seed, **sim), geometry, src.weight)]

@@ -57,7 +57,7 @@ def public_config(config: dict) -> dict:
     data.pop("cache_dir", None)
     data["geometry_dirs"] = [Path(d).name for d in data.get("geometry_dirs", [])]
     for source in data.get("sources", []):
-        source["files"] = [Path(f).name for f in source.get("files", [])]
+        source["files"] = [f if is_repo_id(f) else Path(f).name for f in source.get("files", [])]
         if str(source.get("geometry", "")).endswith((".yaml", ".yml")):
             source["geometry"] = Path(source["geometry"]).name
     model = config.get("model", {})
