@@ -15,7 +15,7 @@ from train_helpers import run, tiny_config
 from calofm.cli import main as cli
 from calofm.data.io import read_showers
 from calofm.hub.datasets import data_files, dataset_files
-from calofm.hub.push import push_dataset
+from calofm.hub.push import push, push_dataset
 
 TOKEN = "hf_testtoken123"
 KEYS = ("showers", "incident_energy", "incident_phi", "incident_theta")
@@ -152,10 +152,11 @@ def test_adapt_on_a_hub_dataset(base, tmp_showers, hub, tmp_path):
 
     data = tmp_showers(n=48, seed=3, geometry="allegro")
     commit = push_dataset([data], "org/allegro-showers").rsplit("/", 1)[1]
+    base_commit = push(base, "org/base").rsplit("/", 1)[1]  # the base from the Hub too: adapt --base ORG/NAME
     (tmp_path / "adapt.yaml").write_text(yaml.safe_dump({"val_samples": 8, "rank": 2, "num_workers": 0}))
     out, cache = tmp_path / "adapted", tmp_path / "cache"
     reset_accelerate()
-    assert cli(["adapt", "--geometry", "allegro", "--data", "org/allegro-showers", "--base", str(base),
+    assert cli(["adapt", "--geometry", "allegro", "--data", "org/allegro-showers", "--base", "org/base",
                 "--steps", "2", "--batch-size", "8", "--cache-dir", str(cache), "--out", str(out),
                 "--config", str(tmp_path / "adapt.yaml")]) == 0
     converted = cache / "hub" / "org--allegro-showers" / commit / "allegro.h5"
@@ -165,6 +166,10 @@ def test_adapt_on_a_hub_dataset(base, tmp_showers, hub, tmp_path):
     assert record["geometries"]["allegro"]["sources"][0]["file"] == "allegro.h5"
     info = json.loads((out / "model" / "calofm_adapter.json").read_text())
     assert info["config"]["data"] == ["org/allegro-showers"]
+    # the adapter records its Hub base and the commit it was trained on, not a path into the local cache
+    assert info["base"] == "org/base" and info["base_revision"] == base_commit and info["base_path"] is None
+    assert record["config"]["data"]["sources"][0]["files"] == ["org/allegro-showers"]
+    assert record["config"]["model"]["init_from"] == "org/base"
     showers = calofm.load(out / "model", device="cpu").sample(geometry="allegro", energy_gev=20.0, phi=0.0,
                                                               theta=1.5, steps=2, seed=0)
     assert showers.shape == (1, 9, 16, 45) and np.isfinite(showers).all()
