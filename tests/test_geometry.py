@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from calofm.cli import main
 from calofm.config import ConfigError
 from calofm.geometry import (
-    E_S,
     GEOMETRY_ENV,
     MESH_SHAPE,
     N_SLOTS,
@@ -32,6 +31,7 @@ from calofm.geometry import (
     load_geometry_file,
     replace_card,
 )
+from calofm.materials import E_S
 
 BUILTIN = ["allegro", "cld", "ild", "odd", "par04_scipb", "par04_siw"]
 

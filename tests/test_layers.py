@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "calofm"
 FLOORS = [  # (floor, module prefixes), bottom to top
-    (0, ("calofm.config", "calofm.geometry", "calofm.cards", "calofm.autoregister")),
+    (0, ("calofm.config", "calofm.materials", "calofm.geometry", "calofm.cards", "calofm.autoregister")),
     (1, ("calofm.data",)),
     (2, ("calofm.sim",)),
     (3, ("calofm.models", "calofm.diffusion", "calofm.preprocess", "calofm.ema")),
