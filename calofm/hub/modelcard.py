@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 from calofm.data.integrity import read_json
 from calofm.data.output import write_text_atomic
 from calofm.geometry import MESH_SHAPE
+from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import is_repo_id, split_revision
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -94,7 +95,7 @@ def folder_kind(folder: str | Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder (a model card is written for a model or adapter folder)")
-    if (folder / "adapter_config.json").exists():
+    if is_adapter(folder):
         return "lora"
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: not a calofm model or adapter (no config.json or adapter_config.json)")

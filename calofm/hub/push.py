@@ -23,18 +23,14 @@ from calofm.config import first_line
 from calofm.data.integrity import MANIFEST, read_json, write_json
 from calofm.hub.adapters import ADAPTER_FILE, ADAPTER_WEIGHTS, base_of, fingerprint, read_adapter
 from calofm.hub.folders import WEIGHTS, card_file, check_model_folder
+from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import fetch, resolve, split_revision, valid_repo_id
+from calofm.training.record import RECORD
 
 log = logging.getLogger(__name__)
-TRAINING_RECORD = "calofm_training.json"
-MODEL_FILES = ("config.json", WEIGHTS, MANIFEST, TRAINING_RECORD, ADAPTER_FILE)  # ADAPTER_FILE: a full fine-tune
-ADAPTER_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, MANIFEST, ADAPTER_FILE, TRAINING_RECORD)
+MODEL_FILES = ("config.json", WEIGHTS, MANIFEST, RECORD, ADAPTER_FILE)  # ADAPTER_FILE: a full fine-tune
+ADAPTER_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, MANIFEST, ADAPTER_FILE, RECORD)
 LOCAL_KEYS = ("base_path", "base_relative")  # local paths in calofm_adapter.json, never published
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    """A LoRA adapter has peft's adapter_config.json (a full fine-tune keeps calofm_adapter.json as a record)."""
-    return (Path(folder) / "adapter_config.json").exists()
 
 
 def check_folder(folder: Path) -> tuple[str, dict]:
@@ -42,7 +38,7 @@ def check_folder(folder: Path) -> tuple[str, dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder (a calofm model or LoRA adapter folder)")
-    if is_adapter_folder(folder):
+    if is_adapter(folder):
         return "adapter", read_adapter(folder)[0]
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: not a calofm model or LoRA adapter (no config.json or adapter_config.json)")
@@ -234,7 +230,7 @@ def check_base(adapter: Path, info: dict) -> Path:
     where, revision = base_of(adapter, info)
     shown = f"{where}@{revision}" if revision else where
     base = resolve(where, revision)
-    if is_adapter_folder(base):
+    if is_adapter(base):
         raise ValueError(f"{adapter}: its base {shown} is an adapter, not a model")
     check_model_folder(base)
     if fingerprint(base) != info["fingerprint"]:
@@ -266,7 +262,7 @@ def pull(repo_id: str, revision: str | None = None, out: str | Path | None = Non
     try:
         fetch(repo, rev, local_dir=partial)
         shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's download records
-        if not (partial / "config.json").is_file() and not is_adapter_folder(partial):
+        if not (partial / "config.json").is_file() and not is_adapter(partial):
             raise ValueError(f"{repo}: not a calofm model or adapter (no config.json or adapter_config.json in the "
                              f"repo)")
         kind, info = check_folder(partial)
