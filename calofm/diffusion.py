@@ -59,12 +59,41 @@ class EDMPrecond(nn.Module):
         for name in EDM_DEFAULTS:
             setattr(self, name, edm_constant(config if config is not None else net, name))
 
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return edm_scalings(sigma, self.sigma_data)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
         sigma = _as_batch(sigma, x)  # (B, 1, ..., 1)
-        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         net_dtype = next(self.net.parameters()).dtype
         F_x = self.net((c_in * x).to(net_dtype), c_noise.float(), **cond)
         return c_skip * x + c_out * F_x.to(x.dtype)
+
+
+def consistency_scalings(sigma: torch.Tensor, sigma_data: float, sigma_min: float) -> tuple[torch.Tensor, ...]:
+    """Consistency models' boundary parameterisation (Song et al. 2023, arXiv:2303.01469, Appendix C):
+    c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2),
+    so f(x, sigma_min) = x exactly; c_in and c_noise as EDM's (a student starts from its teacher's weights)."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sd2 + sigma**2).sqrt()
+    return c_skip, c_out, c_in, sigma.log().flatten() / 4
+
+
+class ConsistencyPrecond(EDMPrecond):
+    """f(x; sigma) = c_skip x + c_out F(c_in x; c_noise, cond) with the boundary condition f(x; sigma_min) = x:
+    the consistency function of a distilled student, which maps any point of an ODE path to its end."""
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return consistency_scalings(sigma, self.sigma_data, self.sigma_min)
+
+
+def precond_for(net: nn.Module, config: Any = None) -> EDMPrecond:
+    """The denoiser of a network: ``ConsistencyPrecond`` for a distilled student (its config lists
+    ``consistency_sigmas``), else ``EDMPrecond``."""
+    student = bool(getattr(config if config is not None else getattr(net, "config", None), "consistency_sigmas", None))
+    return (ConsistencyPrecond if student else EDMPrecond)(net, config)
 
 
 def draw_sigma_noise(
@@ -203,3 +232,75 @@ def euler_sample(
         if callback is not None:
             callback(i, n, x_next)
     return x_next.to(noise.dtype)
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    sigmas: torch.Tensor | None = None,
+    num_steps: int = 8,
+    *,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2) on the EDM ODE: N steps, N denoiser calls.
+
+    With x_sigma = x_0 + sigma n (EDM's alpha = 1) and lambda = -ln sigma, one step from sigma_i to sigma_{i+1}
+    (h = ln(sigma_i / sigma_{i+1})) is exact for a denoised estimate D held fixed over the step:
+    x <- (sigma_{i+1} / sigma_i) x + (1 - sigma_{i+1} / sigma_i) D. The multistep correction extrapolates D
+    linearly in lambda from the previous step's estimate, D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} with
+    r = h_{i-1} / h_i, so the method is second order at the cost of Euler. The first step (no previous
+    estimate) and the last one (into sigma = 0, where the extrapolation is undefined) are first order.
+    """
+    cond = cond or {}
+    t_steps = _steps(denoiser, noise, sigmas, num_steps)
+    n = len(t_steps) - 1
+    x = noise.to(torch.float64) * t_steps[0]
+    d_prev, h_prev = None, None
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        d_cur = _denoise(denoiser, x, t_cur, cond)
+        if t_next == 0:
+            x = d_cur  # sigma -> 0: x becomes the denoised estimate
+        else:
+            h = (t_cur / t_next).log()
+            d = d_cur
+            if d_prev is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * d_cur - (1 / (2 * r)) * d_prev
+            x = (t_next / t_cur) * x + (1 - t_next / t_cur) * d
+            h_prev = h
+        d_prev = d_cur
+        if callback is not None:
+            callback(i, n, x)
+    return x.to(noise.dtype)
+
+
+@torch.no_grad()
+def consistency_sample(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    sigmas: list[float] | torch.Tensor = (80.0,),
+    *,
+    sigma_min: float = 0.002,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x = f(sigma_0 n, sigma_0), then for each
+    further sigma_k: x = f(x + sqrt(sigma_k^2 - sigma_min^2) z, sigma_k) with fresh z ~ N(0, I). One network
+    evaluation per entry of ``sigmas`` (decreasing, the first is sigma_max); ``denoiser`` is a consistency
+    function (``ConsistencyPrecond``). The fresh noise comes from ``generator`` (on its device)."""
+    cond = cond or {}
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= sigma_min:
+        raise ValueError(f"consistency sigmas must be decreasing and above sigma_min={sigma_min}, got {sigmas}")
+    x = noise.to(torch.float64) * sigmas[0]
+    for k, s in enumerate(sigmas):
+        if k:
+            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = x + (s**2 - sigma_min**2) ** 0.5 * z.to(x)
+        x = _denoise(denoiser, x, torch.tensor(s, dtype=torch.float64, device=x.device), cond)
+        if callback is not None:
+            callback(k, len(sigmas), x)
+    return x.to(noise.dtype)

@@ -17,10 +17,10 @@ import torch
 
 from calofm.cards import same_card
 from calofm.hub.loading import load_network
+from calofm.sampling import SAMPLERS, ShowerSampler, default_sampling, resolve_sampling  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("heun", "euler")
 MAX_STEPS, MAX_BATCH = 10_000, 10**6
 PLAUSIBLE_GEV = (0.05, 2e4)  # outside: most likely a unit mix-up (MeV given as GeV or the other way round)
 
@@ -29,7 +29,6 @@ class ShowerGenerator:
     """A trained model ready to sample: ``sample(geometry=, energy_gev= | energy_mev=, phi=, theta=)`` -> MeV."""
 
     def __init__(self, net: torch.nn.Module, config, device: str | torch.device | None = None, cards=None):
-        from calofm.diffusion import EDMPrecond
         from calofm.preprocess import ModelSpace
 
         self.space = ModelSpace.from_config(config)
@@ -41,10 +40,7 @@ class ShowerGenerator:
         self.net = net.to(self.device).eval()
         self.config = config
         self.cards = dict(cards or {})  # geometry name -> Geometry stored with the model
-        self.precond = EDMPrecond(self.net)
         self.pre = self.space.shower
-        # factorised: the energy model's denoiser, with the EDM constants of the model's config
-        self.profile_precond = EDMPrecond(self.net.energy_net, config) if self.space.factorised else None
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device=None, dtype: torch.dtype = torch.float32,
@@ -88,13 +84,15 @@ class ShowerGenerator:
     @torch.no_grad()
     def sample(
         self, *legacy, geometry: str | None = None, energy_gev=None, energy_mev=None, phi=None, theta=None,
-        steps: int = 32, sampler: str = "heun", batch_size: int = 256, seed: int | None = None,
+        steps: int | None = None, sampler: str | None = None, batch_size: int = 256, seed: int | None = None,
         progress: bool = False, precision: str = "fp32", cell_cap: bool = True, energy=None,
     ) -> np.ndarray:
         """Showers (N, 9, 16, 45) in MeV. Keywords only: ``geometry``, the incident energy as ``energy_gev``
         (GeV) or ``energy_mev`` (MeV, as in shower files: ``energy_mev=f["incident_energy"]``), ``phi`` and
         ``theta`` in rad; arrays or scalars, which broadcast.
 
+        ``sampler`` and ``steps`` default to the model's own (Heun, 32 steps; a distilled student: its consistency
+        steps); ``sampler`` is one of ``calofm.sampling.SAMPLERS``.
         ``cell_cap``: no cell exceeds the largest cell (as a fraction of E_inc) of the geometry's training
         data, where the model records it; always, no cell exceeds the incident energy.
         """
@@ -107,6 +105,7 @@ class ShowerGenerator:
                            dtype=np.float64)
         e, ph, th = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (e_gev, phi, theta)))
         check_sampling(steps=steps, batch_size=batch_size, sampler=sampler, seed=seed)
+        runner = self.runner(geometry, sampler=sampler, steps=steps, cell_cap=cell_cap)
         self._check_energies(e, geometry, "energy_mev" if energy_mev is not None else "energy_gev")
         from tqdm.auto import tqdm
 
@@ -115,11 +114,16 @@ class ShowerGenerator:
         bar = tqdm(total=len(e), disable=not progress, unit="shower", desc=f"sample {geometry}")
         for k, start in enumerate(range(0, len(e), batch_size)):
             sl = slice(start, start + batch_size)
-            out[sl] = self._batch(e[sl], ph[sl], th[sl], geometry, seed, k, steps=steps, sampler=sampler,
-                                  precision=precision, cell_cap=cell_cap)
+            out[sl] = self._batch(runner, e[sl], ph[sl], th[sl], geometry, seed, k, precision=precision)
             bar.update(len(out[sl]))
         bar.close()
         return out
+
+    def runner(self, geometry: str, sampler: str | None = None, steps: int | None = None,
+               cell_cap: bool = True) -> ShowerSampler:
+        """The whole sampler for ``geometry`` as one module (``calofm.sampling.ShowerSampler``) on the device."""
+        return ShowerSampler(self.net, self.config, sampler=sampler, steps=steps, cell_cap=cell_cap,
+                             thresholds={geometry: self.threshold(geometry)}).to(self.device)
 
     def _check_energies(self, e_gev: np.ndarray, geometry: str, keyword: str) -> None:
         """Refuse non-positive or non-finite energies; warn when they are far outside any plausible range."""
@@ -134,55 +138,29 @@ class ShowerGenerator:
             warnings.warn(f"{keyword}: incident energies {e_gev.min():.4g}-{e_gev.max():.4g} GeV are far outside "
                           f"{lo:.3g}-{hi:.3g} GeV: is the unit right (energy_gev= vs energy_mev=)?", stacklevel=3)
 
-    def _batch(self, e, phi, theta, geometry, seed, k, *, steps, sampler, precision, cell_cap) -> np.ndarray:
-        from calofm.diffusion import euler_sample, heun_sample
-
+    def _batch(self, runner: ShowerSampler, e, phi, theta, geometry, seed, k, *, precision) -> np.ndarray:
         n, dev = len(e), self.device
-        cond = {
-            "energy": torch.tensor(e, dtype=torch.float32, device=dev),
-            "phi": torch.tensor(phi, dtype=torch.float32, device=dev),
-            "theta": torch.tensor(theta, dtype=torch.float32, device=dev),
-            "geometry": torch.full((n,), self.slot(geometry), dtype=torch.long, device=dev),
-        }
+        cond = [torch.tensor(v, dtype=torch.float32, device=dev) for v in (e, phi, theta)]
+        slot = torch.full((n,), self.slot(geometry), dtype=torch.long, device=dev)
         # batch k's noise depends on (seed, k) only: the same seed and batch size give the same file
         gen = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)  # any int seed, even >= 2**62
         noise = torch.randn((n, *self.config.mesh_shape), generator=gen, dtype=torch.float64).to(dev)
-        step_fn = heun_sample if sampler == "heun" else euler_sample
-        autocast = precision == "bf16"
-        e_mev = cond["energy"].double() * 1e3
-        threshold = self.threshold(geometry)
+        profile_noise = None
         if self.space.factorised:
-            # energy model first: the profile (total and layer shares), then the shapes given that profile
             profile_noise = torch.randn((n, self.space.profile.width), generator=gen, dtype=torch.float64).to(dev)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                profile = step_fn(self.profile_precond, profile_noise, cond, num_steps=steps)
-            layers = self.space.profile.inverse(profile, e_mev, cond["geometry"])  # (B, Z) MeV
-            shape_cond = {**cond, "profile": profile.float(), "layer_energy": layers.float()}
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                y = step_fn(self.precond, noise, shape_cond, num_steps=steps)
-            return self.pre.inverse(y, e_mev, threshold=threshold, layers=layers).float().cpu().numpy()
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-            y = step_fn(self.precond, noise, cond, num_steps=steps)
-        # no cell can hold more than the incident energy: cap the model-space value there (an
-        # undertrained model can otherwise overflow exp() in the inverse transform) ...
-        top = e_mev.reshape(-1, 1, 1, 1)
-        if cell_cap and geometry in self.config.geometry_cell_max:
-            # ... nor more than the brightest cell of the geometry's training data (docs/generation.md)
-            limit = self.config.geometry_cell_max[geometry] * self.pre.unit(top, e_mev)
-            top = torch.minimum(top, torch.as_tensor(limit, dtype=top.dtype, device=dev))
-        cap = self.pre.forward(top.expand_as(y), e_mev, threshold=threshold)
-        showers = self.pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=threshold)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            showers = runner(*cond, slot, noise, profile_noise, generator=gen)
         return showers.cpu().numpy()
 
 
-def check_sampling(steps: int, batch_size: int, sampler: str, seed: int | None) -> None:
-    """The sampling options of ``sample`` and ``calofm generate``, range-checked."""
+def check_sampling(steps: int | None, batch_size: int, sampler: str | None, seed: int | None) -> None:
+    """The sampling options of ``sample`` and ``calofm generate``, range-checked (None: the model's default)."""
     from calofm.training.config import check_int
 
-    check_int("steps", steps, 1, MAX_STEPS)
+    check_int("steps", steps, 1, MAX_STEPS, optional=True)
     check_int("batch_size", batch_size, 1, MAX_BATCH)
     check_int("seed", seed, 0, None, optional=True)
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
 
 

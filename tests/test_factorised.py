@@ -77,7 +77,6 @@ def test_generated_layers_hold_exactly_the_energy_models_sample(base):
     v = torch.zeros(1, 46, dtype=torch.float64)
     v[0, 0] = 0.5  # half a standard deviation above the mean visible fraction, average layer shares
     gen.net.energy_net = PointMassProfile(v)
-    gen.profile_precond.net = gen.net.energy_net
     e = np.array([20.0, 40.0])
     showers = gen.sample(geometry="ild", energy_gev=e, phi=0.3, theta=1.4, steps=3, seed=2)
     expected = gen.space.profile.inverse(v.expand(2, 46), torch.tensor(e * 1e3, dtype=torch.float64),

@@ -11,7 +11,8 @@ import numpy as np
 
 from calofm.cards import card_attrs
 from calofm.commands.args import SEED, add_geometry_dir, int_in, parse_count, parse_range, torch_device
-from calofm.generate import MAX_BATCH, MAX_STEPS, SAMPLERS, ShowerGenerator, load
+from calofm.generate import MAX_BATCH, MAX_STEPS, ShowerGenerator, load
+from calofm.sampling import SAMPLERS, network_evaluations, resolve_sampling
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,9 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--theta", type=parse_range, help="rad range lo:hi (default: the card's)")
     p.add_argument("--phi", type=parse_range, help="rad range lo:hi (default: the card's)")
     p.add_argument("--spectrum", choices=["flat", "log-uniform"], help="energy spectrum (default: the card's)")
-    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=32,
-                   help="sampler steps (Heun: 2N-1 network evaluations)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="heun")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS),
+                   help="sampler steps (default: the model's: 32, a distilled student its own; Heun: 2N-1 "
+                        "network evaluations, the others N)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="heun (default), euler, dpmpp_2m (few steps); consistency for a distilled student (its "
+                        "default)")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", type=torch_device, help="torch device (default: cuda if available, else cpu)")
@@ -102,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(Path(args.out), inputs, args.overwrite)  # not onto or into an input, nor over a file
     check_ranges(args)
     gen = load(args.model, device=args.device)
+    args.sampler, args.steps = resolve_sampling(gen.config, args.sampler, args.steps)  # the model's defaults
     geometry = gen.geometry(args.geometry, args.geometry_dir)  # the model's own card first
     cond = conditions(args, geometry)
     n = len(cond["incident_energy"])
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     with Staging(out.parent, out.name, inputs=inputs) as staging:
         write(gen, geometry, cond, staging.tmp / out.name, attrs, args)
         staging.place(staging.tmp / out.name, out)
-    nfe = 2 * args.steps - 1 if args.sampler == "heun" else args.steps
+    nfe = network_evaluations(args.sampler, args.steps)
     print(f"wrote {n} showers for {geometry.name} to {out} ({args.sampler}, {args.steps} steps, {nfe} NFE)")
     return 0
 
@@ -128,15 +133,15 @@ def write(gen: ShowerGenerator, geometry, cond: dict, out: Path, attrs, args) ->
     from calofm.data.io import ShowerWriter
 
     n = len(cond["incident_energy"])
+    runner = gen.runner(geometry.name, sampler=args.sampler, steps=args.steps, cell_cap=args.cell_cap)
     bar = tqdm(total=n, unit="shower", desc=f"generate {geometry.name}")
     try:
         with ShowerWriter(out, attrs=attrs, compression="gzip") as w:
             for k, start in enumerate(range(0, n, args.batch_size)):
                 sl = slice(start, start + args.batch_size)
                 e_gev = cond["incident_energy"][sl].astype(np.float64) / 1e3
-                showers = gen._batch(e_gev, cond["incident_phi"][sl], cond["incident_theta"][sl], geometry.name,
-                                     args.seed, k, steps=args.steps, sampler=args.sampler,
-                                     precision=args.precision, cell_cap=args.cell_cap)
+                showers = gen._batch(runner, e_gev, cond["incident_phi"][sl], cond["incident_theta"][sl],
+                                     geometry.name, args.seed, k, precision=args.precision)
                 w.append(showers, cond["incident_energy"][sl], cond["incident_phi"][sl], cond["incident_theta"][sl])
                 bar.update(len(showers))
     except BaseException:

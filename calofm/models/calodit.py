@@ -100,6 +100,9 @@ class CaloDiTConfig(PreTrainedConfig):
     rho: float = 7.0
     P_mean: float = -0.5
     P_std: float = 1.2
+    # A consistency-distilled student (`calofm distill`) lists the noise levels of its few-step sampler here
+    # (the first is sigma_max) and its network is a consistency function; empty for a diffusion model.
+    consistency_sigmas: list[float] = field(default_factory=list)
     # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV,
     # -> largest cell energy in the training data in preprocessing units (fraction of E_inc, or MeV if "absolute");
     # factorised: ProfilePreprocessor.state_dict() (per-geometry statistics of the profile vector)
@@ -126,6 +129,7 @@ class CaloDiTConfig(PreTrainedConfig):
         self.geometry_cards = dict(self.geometry_cards or {})
         self.preprocessing = dict(self.preprocessing or {})
         self.profile_preprocessing = dict(self.profile_preprocessing or {})
+        self.consistency_sigmas = [float(v) for v in (self.consistency_sigmas or [])]
         self._check()
         super().__post_init__(**kwargs)
 
@@ -160,6 +164,10 @@ class CaloDiTConfig(PreTrainedConfig):
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.rho <= 0 or self.P_std <= 0:
             raise ValueError("EDM constants: need 0 < sigma_min < sigma_max, sigma_data > 0, rho > 0, P_std > 0")
+        cs = self.consistency_sigmas
+        if cs and not (cs[0] == self.sigma_max and all(b < a for a, b in zip(cs, cs[1:])) and cs[-1] > self.sigma_min):
+            raise ValueError(f"consistency_sigmas {cs}: need a decreasing list from sigma_max={self.sigma_max} "
+                             f"staying above sigma_min={self.sigma_min}")
         slots, n_slots = list(self.geometry_slots.values()), self.n_geometry_slots
         if not all(isinstance(s, int) and 0 <= s < n_slots for s in slots) or len(set(slots)) < len(slots):
             raise ValueError(f"geometry_slots {self.geometry_slots}: need distinct ints in [0, {n_slots})")

@@ -1,0 +1,132 @@
+"""The whole sampler of a trained model as one module: conditions and noise -> showers in MeV.
+
+``ShowerSampler`` is what ``calofm.generate.ShowerGenerator`` runs batch by batch and what ``calofm export``
+traces into one ONNX / TorchScript graph: the ODE solver (or a distilled student's few consistency steps),
+the energy model first for the factorised variant, the inverse preprocessing, the per-layer rescaling, the
+cell cap and the readout threshold. It holds no Python state that depends on the batch, so a traced copy
+takes any batch size. Solvers: ``calofm.diffusion``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from calofm.diffusion import (
+    consistency_sample,
+    dpmpp_2m_sample,
+    edm_constant,
+    euler_sample,
+    heun_sample,
+    karras_sigmas,
+    precond_for,
+)
+from calofm.preprocess import ModelSpace
+
+SAMPLERS = ("heun", "euler", "dpmpp_2m", "consistency")
+SOLVERS = {"heun": heun_sample, "euler": euler_sample, "dpmpp_2m": dpmpp_2m_sample}
+TEACHER_DEFAULT = ("heun", 32)  # CaloDiT-2's sampler
+
+
+def is_student(config) -> bool:
+    """A consistency-distilled student (``calofm distill``) rather than a diffusion model."""
+    return bool(getattr(config, "consistency_sigmas", None))
+
+
+def default_sampling(config) -> tuple[str, int]:
+    """(sampler, steps) a model samples with unless told otherwise: a student its own step count."""
+    return ("consistency", len(config.consistency_sigmas)) if is_student(config) else TEACHER_DEFAULT
+
+
+def network_evaluations(sampler: str, steps: int) -> int:
+    """Network evaluations per shower (per network of the factorised variant): Heun 2N - 1, the others N."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def student_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]:
+    """Noise levels of a K-step consistency sampler: the first K points of EDM's K + 1 point grid (sigma_max
+    first, sigma_min left out: from there the consistency function is the identity)."""
+    return [float(s) for s in karras_sigmas(steps + 1, sigma_min, sigma_max, rho)[:steps]]
+
+
+def resolve_sampling(config, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """The (sampler, steps) to use, checked against the model: students sample with consistency steps only,
+    diffusion models with an ODE solver only."""
+    default_sampler, default_steps = default_sampling(config)
+    sampler = sampler or default_sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
+    if is_student(config) and sampler != "consistency":
+        raise ValueError(f"this model is a consistency-distilled student: it samples with sampler 'consistency' "
+                         f"({default_steps} steps by default), not {sampler!r}")
+    if not is_student(config) and sampler == "consistency":
+        raise ValueError("sampler 'consistency' needs a distilled student (`calofm distill`); this is a "
+                         "diffusion model: use heun, euler or dpmpp_2m")
+    return sampler, int(steps if steps is not None else default_steps)
+
+
+def slot_table(config, values: dict[str, float], fill: float) -> torch.Tensor:
+    """(n_geometry_slots,) float64: ``values[geometry]`` at each geometry's slot, ``fill`` elsewhere."""
+    table = torch.full((config.n_geometry_slots,), fill, dtype=torch.float64)
+    for name, slot in config.geometry_slots.items():
+        if name in values:
+            table[slot] = float(values[name])
+    return table
+
+
+class ShowerSampler(nn.Module):
+    """forward(energy GeV, phi, theta, slot, noise[, profile_noise]) -> showers (B, R, P, Z) in MeV.
+
+    ``noise`` (B, R, P, Z) and, factorised, ``profile_noise`` (B, Z + 1) are the initial N(0, I) draws;
+    ``generator`` feeds the fresh noise of consistency steps after the first (``torch.randn`` without it, as
+    in an exported graph). ``thresholds`` (geometry -> MeV) adds to or overrides the model's. ``cell_cap``: no cell above the brightest cell (fraction of E_inc) of the
+    geometry's training data where the single-variant model records it; never above the incident energy.
+    """
+
+    def __init__(self, net: nn.Module, config, *, sampler: str | None = None, steps: int | None = None,
+                 cell_cap: bool = True, thresholds: dict[str, float] | None = None):
+        super().__init__()
+        self.net, self.config = net, config
+        self.sampler, self.steps = resolve_sampling(config, sampler, steps)
+        self.space = ModelSpace.from_config(config)
+        self.precond = precond_for(net, config)
+        self.profile_precond = precond_for(net.energy_net, config) if self.space.factorised else None
+        thresholds = {**config.geometry_thresholds, **(thresholds or {})}  # readout thresholds, MeV
+        self.register_buffer("thresholds", slot_table(config, thresholds, 0.0), persistent=False)
+        cell_max = config.geometry_cell_max if cell_cap else {}
+        self.register_buffer("cell_max", slot_table(config, cell_max, math.inf), persistent=False)
+        self.sigmas = None
+        if self.sampler == "consistency":
+            consts = [edm_constant(self.precond, k) for k in ("sigma_min", "sigma_max", "rho")]
+            self.sigmas = student_sigmas(self.steps, *consts)
+
+    def solve(self, denoiser, noise: torch.Tensor, cond: dict, generator) -> torch.Tensor:
+        if self.sampler == "consistency":
+            return consistency_sample(denoiser, noise, cond, self.sigmas, sigma_min=denoiser.sigma_min,
+                                      generator=generator)
+        return SOLVERS[self.sampler](denoiser, noise, cond, num_steps=self.steps)
+
+    def forward(self, energy: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, slot: torch.Tensor,
+                noise: torch.Tensor, profile_noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        cond = {"energy": energy.float(), "phi": phi.float(), "theta": theta.float(), "geometry": slot.long()}
+        e_mev = energy.double() * 1e3
+        threshold = self.thresholds[slot.long()]  # (B,) MeV
+        pre = self.space.shower
+        if self.space.factorised:
+            # the energy model first: the profile (total and layer shares), then the shapes given that profile
+            profile = self.solve(self.profile_precond, profile_noise, cond, generator)
+            layers = self.space.profile.inverse(profile, e_mev, cond["geometry"])  # (B, Z) MeV
+            shape_cond = {**cond, "profile": profile.float(), "layer_energy": layers.float()}
+            y = self.solve(self.precond, noise, shape_cond, generator)
+            return pre.inverse(y, e_mev, threshold=threshold, layers=layers).float()
+        y = self.solve(self.precond, noise, cond, generator)
+        # no cell can hold more than the incident energy (an undertrained model could otherwise overflow exp()
+        # in the inverse transform), nor more than the brightest cell of the training data (docs/generation.md)
+        top = e_mev.reshape(-1, 1, 1, 1)
+        limit = self.cell_max[slot.long()].reshape(-1, 1, 1, 1) * pre.unit(top, e_mev)
+        top = torch.minimum(top, limit.to(top))
+        cap = pre.forward(top.expand_as(y), e_mev, check=False, threshold=threshold)
+        return pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=threshold).float()
