@@ -81,7 +81,8 @@ class ShowerSampler(nn.Module):
 
     ``noise`` (B, R, P, Z) and, factorised, ``profile_noise`` (B, Z + 1) are the initial N(0, I) draws;
     ``generator`` feeds the fresh noise of consistency steps after the first (``torch.randn`` without it, as
-    in an exported graph). ``thresholds`` (geometry -> MeV) adds to or overrides the model's. ``cell_cap``: no cell above the brightest cell (fraction of E_inc) of the
+    in an exported graph). ``thresholds`` (geometry -> MeV) adds to or overrides the model's.
+    ``cell_cap``: no cell above the brightest cell (fraction of E_inc) of the
     geometry's training data where the single-variant model records it; never above the incident energy.
     """
 
