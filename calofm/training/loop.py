@@ -55,7 +55,13 @@ class Setup:
     # optional extra metrics at every validation point, e.g. a fidelity metric of generated showers:
     # (network with EMA weights, step) -> {name: value}; runs on the main process
     evaluate: Callable[[nn.Module, int], dict] | None = None
-    kind: str = "pretrained"  # what calofm_training.json calls the run: pretrained, lora, full, scratch
+    kind: str = "pretrained"  # what calofm_training.json calls the run: pretrained, lora, full, scratch, distilled
+    # the module whose forward(x, cond, noise) gives the per-sample loss (B,) and whose parts(...) the validation
+    # losses, built from (network, EMA); default: the EMA loss of DiffusionObjective. Its ``net`` is what trains.
+    objective: Callable[[nn.Module, EMA], nn.Module] | None = None
+
+    def make_objective(self, net: nn.Module, ema: EMA) -> nn.Module:
+        return self.objective(net, ema) if self.objective is not None else DiffusionObjective(net)
 
 
 class TrainState:
@@ -102,10 +108,11 @@ def _noise(x, space: ModelSpace, edm, seed, micro, rank, world, drop_p, device) 
 
 
 @torch.no_grad()
-def validate(net: nn.Module, space: ModelSpace, data: RunData, acc: Accelerator, batch: int = 128) -> dict:
-    """EDM loss per geometry on fixed noise (val/<geometry>, and val_profile/<geometry> for the energy model of
-    the factorised variant); batches are shared out over processes."""
-    objective, edm = DiffusionObjective(net).eval(), _EDM(net)
+def validate(net: nn.Module, space: ModelSpace, data: RunData, acc: Accelerator, batch: int = 128,
+             objective: nn.Module | None = None) -> dict:
+    """Loss per geometry on fixed noise (val/<geometry>, and val_profile/<geometry> for the energy model of
+    the factorised variant); batches are shared out over processes. ``objective``: default the EDM loss."""
+    objective, edm = (objective or DiffusionObjective(net)).eval(), _EDM(net)
     out = {}
     for name, ds in data.val.items():
         total = torch.zeros(3, device=acc.device, dtype=torch.float64)
@@ -172,7 +179,7 @@ def _train(cfg: TrainConfig, setup: Setup, acc: Accelerator, out: Path, stop: Gr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ema, state, edm = EMA(net, cfg.ema_decay), TrainState(), _EDM(net)
     # the objective (both networks of the factorised variant) is what is prepared: one forward per step
-    model, opt = acc.prepare(DiffusionObjective(net), opt)
+    model, opt = acc.prepare(setup.make_objective(net, ema), opt)
     ckpts = out / "checkpoints"
     if not cfg.resume and checkpoints(ckpts):
         raise ValueError(f"{ckpts}: holds checkpoints of an earlier run but resume is off; use another output_dir")
@@ -289,7 +296,7 @@ def write_run_cards(out: Path, geometries: dict[str, Geometry]) -> None:
 
 def _validate_and_log(acc, model, ema, space, data, setup: Setup, step: int) -> None:
     net = _ema_copy(acc, model, ema)
-    record = validate(net, space, data, acc)
+    record = validate(net, space, data, acc, objective=setup.make_objective(net, ema))
     if setup.evaluate is not None and acc.is_main_process:
         record.update(setup.evaluate(net, step))
     acc.log(record, step=step)

@@ -29,6 +29,9 @@ def step_noise(x_shape, profile_width: int | None, seed: int, micro: int, rank: 
     if profile_width is not None:
         proto = torch.empty(global_b, profile_width, device=device)
         out["profile_sigma"], out["profile_noise"] = draw_sigma_noise(proto, gen, precond.P_mean, precond.P_std)
+    # two uniforms per row, drawn last so the draws above stay as they were: where a consistency-distillation
+    # step falls on its noise grid (shower, profile)
+    out["u"] = torch.rand(global_b, 2, generator=gen, device=device)
     rows = slice(rank * per, (rank + 1) * per)
     return {k: v[rows] for k, v in out.items()}
 
