@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare-geometries": ("calofm.commands.compare_geometries", "plot shower profiles of several geometries"),
     "adapt": ("calofm.commands.adapt", "adapt a pretrained model to a new detector (LoRA or full fine-tuning)"),
     "distill": ("calofm.commands.distill", "distil a trained model into a 1-4 step consistency student"),
+    "export": ("calofm.commands.export", "export a model's whole sampler as ONNX or TorchScript (Geant4 Par04, DDML)"),
     "card": ("calofm.commands.card", "write or refresh the model card (README.md) of a model or adapter folder"),
     "push": ("calofm.commands.push", "upload a model, fine-tune or LoRA adapter to the Hugging Face Hub with its card"),
     "pull": ("calofm.commands.pull", "download a model or adapter (and its base) from the Hugging Face Hub"),

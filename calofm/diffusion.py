@@ -8,6 +8,7 @@ arguments (energy GeV, phi, theta rad, geometry slot; all (B,)).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -153,18 +154,23 @@ def karras_sigmas(
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 
-def _steps(denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor | None, num_steps: int) -> torch.Tensor:
+def _steps(denoiser: Denoiser, sigmas: torch.Tensor | list[float] | None, num_steps: int) -> list[float]:
+    """The time steps as Python floats (float64), so a traced or exported sampler holds them as constants."""
     if sigmas is None:
         consts = [edm_constant(denoiser, k) for k in ("sigma_min", "sigma_max", "rho")]
-        return karras_sigmas(num_steps, *consts, device=noise.device)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=noise.device)
-    if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
+        return karras_sigmas(num_steps, *consts).tolist()
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.double().tolist()
+    sigmas = [float(v) for v in sigmas] if isinstance(sigmas, list | tuple) else sigmas
+    if not isinstance(sigmas, list) or len(sigmas) < 2 or sigmas[-1] != 0 or any(
+            b >= a for a, b in zip(sigmas, sigmas[1:])):
         raise ValueError("sigmas must be a 1-D decreasing schedule ending in 0 (see karras_sigmas)")
     return sigmas
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
-    return denoiser(x, t.expand(x.shape[0]), **cond).to(torch.float64)
+def _denoise(denoiser: Denoiser, x: torch.Tensor, t: float, cond: Mapping[str, Any]) -> torch.Tensor:
+    sigma = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+    return denoiser(x, sigma, **cond).to(torch.float64)
 
 
 @torch.no_grad()
@@ -187,7 +193,7 @@ def heun_sample(
     ``noise`` ~ N(0, I) of the output shape; the state is float64, the result has noise's dtype.
     """
     cond = cond or {}
-    t_steps = _steps(denoiser, noise, sigmas, num_steps)
+    t_steps = _steps(denoiser, sigmas, num_steps)
     n = len(t_steps) - 1
     x_next = noise.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -198,7 +204,7 @@ def heun_sample(
         x_hat = x_cur
         if gamma > 0:
             eps = torch.randn(x_cur.shape, generator=generator, device=generator.device if generator else x_cur.device)
-            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * s_noise * eps.to(x_cur)
+            x_hat = x_cur + (t_hat**2 - t_cur**2) ** 0.5 * s_noise * eps.to(x_cur)
         # lines 7-8: Euler step
         d_cur = (x_hat - _denoise(denoiser, x_hat, t_hat, cond)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -223,7 +229,7 @@ def euler_sample(
 ) -> torch.Tensor:
     """First-order Euler on the EDM probability-flow ODE: N steps, N denoiser calls (a baseline for Heun)."""
     cond = cond or {}
-    t_steps = _steps(denoiser, noise, sigmas, num_steps)
+    t_steps = _steps(denoiser, sigmas, num_steps)
     n = len(t_steps) - 1
     x_next = noise.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -254,7 +260,7 @@ def dpmpp_2m_sample(
     estimate) and the last one (into sigma = 0, where the extrapolation is undefined) are first order.
     """
     cond = cond or {}
-    t_steps = _steps(denoiser, noise, sigmas, num_steps)
+    t_steps = _steps(denoiser, sigmas, num_steps)
     n = len(t_steps) - 1
     x = noise.to(torch.float64) * t_steps[0]
     d_prev, h_prev = None, None
@@ -263,7 +269,7 @@ def dpmpp_2m_sample(
         if t_next == 0:
             x = d_cur  # sigma -> 0: x becomes the denoised estimate
         else:
-            h = (t_cur / t_next).log()
+            h = math.log(t_cur / t_next)
             d = d_cur
             if d_prev is not None:
                 r = h_prev / h
@@ -284,13 +290,14 @@ def consistency_sample(
     sigmas: list[float] | torch.Tensor = (80.0,),
     *,
     sigma_min: float = 0.002,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x = f(sigma_0 n, sigma_0), then for each
     further sigma_k: x = f(x + sqrt(sigma_k^2 - sigma_min^2) z, sigma_k) with fresh z ~ N(0, I). One network
     evaluation per entry of ``sigmas`` (decreasing, the first is sigma_max); ``denoiser`` is a consistency
-    function (``ConsistencyPrecond``). The fresh noise comes from ``generator`` (on its device)."""
+    function (``ConsistencyPrecond``). The fresh noise comes from ``generator``: a torch.Generator (on its
+    device), a function x -> N(0, I) draw like x (e.g. noise given to an exported graph), or ``randn_like``."""
     cond = cond or {}
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= sigma_min:
@@ -298,9 +305,12 @@ def consistency_sample(
     x = noise.to(torch.float64) * sigmas[0]
     for k, s in enumerate(sigmas):
         if k:
-            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            if isinstance(generator, torch.Generator):
+                z = torch.randn(x.shape, generator=generator, device=generator.device)
+            else:
+                z = generator(x) if generator is not None else torch.randn_like(x)
             x = x + (s**2 - sigma_min**2) ** 0.5 * z.to(x)
-        x = _denoise(denoiser, x, torch.tensor(s, dtype=torch.float64, device=x.device), cond)
+        x = _denoise(denoiser, x, s, cond)
         if callback is not None:
             callback(k, len(sigmas), x)
     return x.to(noise.dtype)

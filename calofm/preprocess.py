@@ -133,10 +133,10 @@ class ShowerPreprocessor:
         empty, as in the detector."""
         rel = x
         empty = rel.sum(dim=(1, 2), keepdim=True) <= 0  # (B, 1, 1, Z)
-        if empty.any():
-            flat = log_rel.flatten(1, 2)  # (B, R*P, Z)
-            top = torch.zeros_like(flat).scatter_(1, flat.argmax(dim=1, keepdim=True), 1.0).reshape(rel.shape)
-            rel = torch.where(empty, top, rel)
+        # (computed for every layer, without a data-dependent branch, so the sampler exports as one graph)
+        flat = log_rel.flatten(1, 2)  # (B, R*P, Z)
+        top = torch.zeros_like(flat).scatter(1, flat.argmax(dim=1, keepdim=True), 1.0).reshape(rel.shape)
+        rel = torch.where(empty, top, rel)
         target = layers.clamp_min(0.0)[:, None, None, :]  # (B, 1, 1, Z)
 
         def scale_to_target(x):
@@ -314,10 +314,11 @@ class ProfilePreprocessor:
 
     __call__ = forward
 
-    def inverse(self, y: torch.Tensor, energy: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Model space (B, Z + 1) -> layer energies (B, Z) MeV, non-negative, summing to the sampled total."""
+    def inverse(self, y: torch.Tensor, energy: torch.Tensor, slots: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Model space (B, Z + 1) -> layer energies (B, Z) MeV, non-negative, summing to the sampled total.
+        ``check=False``: no test that the slots were fitted (a host sync; an exported graph cannot raise)."""
         y = y if y.dtype in (torch.float32, torch.float64) else y.float()
-        mean, std = self._table(slots, y.dtype, y.device)
+        mean, std = self._table(slots, y.dtype, y.device, check)
         v = y * std + mean
         # a shower deposits at most E_inc, a layer at most the total: also keeps exp() finite for any y
         e_inc = torch.as_tensor(energy, dtype=y.dtype, device=y.device).reshape(-1, 1)

@@ -98,16 +98,19 @@ class ShowerSampler(nn.Module):
         self.register_buffer("thresholds", slot_table(config, thresholds, 0.0), persistent=False)
         cell_max = config.geometry_cell_max if cell_cap else {}
         self.register_buffer("cell_max", slot_table(config, cell_max, math.inf), persistent=False)
-        self.sigmas = None
+        self.checks = True  # value checks that need a host sync (off in an exported graph, which cannot raise)
+        # the noise levels as Python floats, fixed here: the same in eager runs and in a traced graph
+        consts = [edm_constant(self.precond, k) for k in ("sigma_min", "sigma_max", "rho")]
         if self.sampler == "consistency":
-            consts = [edm_constant(self.precond, k) for k in ("sigma_min", "sigma_max", "rho")]
             self.sigmas = student_sigmas(self.steps, *consts)
+        else:
+            self.sigmas = karras_sigmas(self.steps, *consts).tolist()
 
     def solve(self, denoiser, noise: torch.Tensor, cond: dict, generator) -> torch.Tensor:
         if self.sampler == "consistency":
             return consistency_sample(denoiser, noise, cond, self.sigmas, sigma_min=denoiser.sigma_min,
                                       generator=generator)
-        return SOLVERS[self.sampler](denoiser, noise, cond, num_steps=self.steps)
+        return SOLVERS[self.sampler](denoiser, noise, cond, sigmas=self.sigmas)
 
     def forward(self, energy: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, slot: torch.Tensor,
                 noise: torch.Tensor, profile_noise: torch.Tensor | None = None,
@@ -119,7 +122,7 @@ class ShowerSampler(nn.Module):
         if self.space.factorised:
             # the energy model first: the profile (total and layer shares), then the shapes given that profile
             profile = self.solve(self.profile_precond, profile_noise, cond, generator)
-            layers = self.space.profile.inverse(profile, e_mev, cond["geometry"])  # (B, Z) MeV
+            layers = self.space.profile.inverse(profile, e_mev, cond["geometry"], check=self.checks)  # (B, Z) MeV
             shape_cond = {**cond, "profile": profile.float(), "layer_energy": layers.float()}
             y = self.solve(self.precond, noise, shape_cond, generator)
             return pre.inverse(y, e_mev, threshold=threshold, layers=layers).float()

@@ -185,3 +185,28 @@ def test_resumed_distillation_matches_an_uninterrupted_one(teacher, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_student_exports_whole_and_onnx_runtime_follows_both_consistency_steps(student, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from calofm.export import build_graph, example_inputs, export
+    from calofm.hub.loading import load_network
+
+    path = tmp_path / "student.onnx"
+    info = export(str(student), path, steps=2, noise_inputs=True)
+    assert (info["sampler"], info["steps"]) == ("consistency", 2)
+    net, config, _ = load_network(student)
+    graph = build_graph(net, config, steps=2, noise_inputs=True)
+    args = example_inputs(graph, 4)
+    assert args[4].shape[1] == 2 and args[5].shape[1] == 2  # one draw per step, both networks
+    with torch.no_grad():
+        expected = graph(*args).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.max())
+    # the second step's draw matters (it is really read from the input)
+    changed = (*args[:4], torch.cat([args[4][:, :1], -args[4][:, 1:]], 1), args[5])
+    assert not np.allclose(session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), changed)})[0],
+                           got)

@@ -152,6 +152,13 @@ def test_lora_adapts_both_parts_and_records_the_new_profile(tmp_path, base, cach
     np.testing.assert_allclose(merged.sample(geometry="allegro", **kw), s, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="ild"):
         merged.sample(geometry="ild", **kw)
+    # the merged model exports for Geant4 with its detector in Par04's fifth (fine-tuned) one-hot position
+    from calofm.export import export
+
+    info = export(str(out / "merged"), tmp_path / "allegro.onnx", steps=2, par04=True)
+    assert info["slot_map"] == [None, None, None, None, "allegro"] and info["shapes"][1] == (3, 6480)
+    with pytest.raises(ValueError, match="merge"):
+        export(str(out / "model"), tmp_path / "adapter.onnx", steps=2)  # an adapter is two networks
 
 
 @pytest.mark.parametrize("extra", [["--method", "full"], ["--from-scratch"]])

@@ -16,7 +16,7 @@ FLOORS = [  # (floor, module prefixes), bottom to top
     (3, ("calofm.models", "calofm.diffusion", "calofm.preprocess", "calofm.ema", "calofm.sampling")),
     (4, ("calofm.hub",)),
     # sharing sits with evaluation: model cards quote evaluation results and training records
-    (5, ("calofm.training", "calofm.adapt", "calofm.distill", "calofm.generate", "calofm.evaluation",
+    (5, ("calofm.training", "calofm.adapt", "calofm.distill", "calofm.export", "calofm.generate", "calofm.evaluation",
          "calofm.hub.modelcard", "calofm.hub.push", "calofm.hub.datasets")),
     (6, ("calofm.cli", "calofm.commands")),
 ]
