@@ -61,8 +61,10 @@ def int_in(low: int | None = None, high: int | None = None):
     return parse
 
 
-def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False):
-    """argparse type: a finite float in [low, high] ((low, high] with ``low_open``); NaN and inf are refused."""
+def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False):
+    """argparse type: a finite float in [low, high] (open at an end with ``low_open`` / ``high_open``); NaN and
+    inf are refused."""
 
     def parse(text: str) -> float:
         try:
@@ -71,20 +73,21 @@ def float_in(low: float | None = None, high: float | None = None, *, low_open: b
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
-        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value:g} is outside {_bounds(low, high, low_open)}")
+        if (low is not None and (value < low or (low_open and value == low))) or (
+                high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {_bounds(low, high, low_open, high_open)}")
         return value
 
     return parse
 
 
-def _bounds(low, high, low_open: bool = False) -> str:
+def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
     def show(v):
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     lo = "-inf" if low is None else show(low)
     hi = "inf" if high is None else show(high)
-    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{']' if high is not None else ')'}"
+    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{']' if high is not None and not high_open else ')'}"
 
 
 SEED = int_in(0, 2**63 - 1)  # numpy and torch seeds: non-negative, fits int64
