@@ -20,14 +20,13 @@ from pathlib import Path
 
 from torch import nn
 
-from calofm.hub.folders import CARDS_DIR, load_model, save_model
+from calofm.hub.folders import CARDS_DIR, DISTILL_FILE, load_model, save_model
 from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import resolve
 from calofm.training.config import TRAIN_SEED_MAX, Validated, check_float, check_int
 
 log = logging.getLogger(__name__)
 STUDENT_STEPS = (1, 2, 4)
-DISTILL_FILE = "calofm_distill.json"  # beside a student's weights: its teacher and settings (descriptive)
 
 
 @dataclass

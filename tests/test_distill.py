@@ -159,6 +159,10 @@ def test_student_loads_samples_and_generates_with_its_own_steps(teacher, student
     assert "(consistency, 1 steps, 1 NFE)" in capsys.readouterr().out
     assert cli(["generate", "--model", str(student), "--geometry", "ild", "--samples", "8", "--steps", "2",
                 "--out", str(tmp_path / "two.h5")]) == 0
+    # its model card says what it is
+    assert cli(["card", str(student)]) == 0
+    card = (student / "README.md").read_text()
+    assert "consistency-distilled" in card and "1 network evaluation per shower" in card
 
 
 def test_distill_refuses_students_adapters_and_bad_options(student, tmp_path):

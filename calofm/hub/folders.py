@@ -31,6 +31,7 @@ from calofm.hub.resolve import resolve
 
 log = logging.getLogger(__name__)
 CARDS_DIR = "geometries"
+DISTILL_FILE = "calofm_distill.json"  # beside a distilled student's weights: its teacher and settings
 WEIGHTS = "model.safetensors"
 
 

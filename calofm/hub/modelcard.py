@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 from calofm.data.integrity import read_json
 from calofm.data.output import write_text_atomic
 from calofm.geometry import MESH_SHAPE
+from calofm.hub.folders import DISTILL_FILE
 from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import is_repo_id, split_revision
 
@@ -32,7 +33,7 @@ MODEL_TAGS = ("calorimeter", "fast-simulation", "diffusion", "high-energy-physic
 DATASET_TAGS = ("calorimeter", "fast-simulation", "high-energy-physics", "calofm")
 RELATIONS = {"lora": "adapter", "full": "finetune"}  # kind -> base_model_relation (scratch: none)
 KINDS = {"pretrained": "pretrained model", "lora": "LoRA adapter", "full": "fine-tuned model",
-         "scratch": "model trained from scratch"}
+         "scratch": "model trained from scratch", "distilled": "distilled student"}
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _VARIANTS = {
     "single": "one network denoises the whole shower (cell energies / E_inc in log space), as CaloDiT-2.",
@@ -91,7 +92,8 @@ def safetensors_parameters(path: Path) -> int:
 
 
 def folder_kind(folder: str | Path) -> str:
-    """"lora", "full", "scratch" or "pretrained"; a ValueError for a folder that is no calofm model or adapter."""
+    """"lora", "full", "scratch", "distilled" or "pretrained"; a ValueError for a folder that is no calofm model or
+    adapter."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder (a model card is written for a model or adapter folder)")
@@ -99,6 +101,8 @@ def folder_kind(folder: str | Path) -> str:
         return "lora"
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: not a calofm model or adapter (no config.json or adapter_config.json)")
+    if (folder / DISTILL_FILE).exists() or read_json(folder / "config.json").get("consistency_sigmas"):
+        return "distilled"
     if (folder / "calofm_adapter.json").exists():
         method = read_json(folder / "calofm_adapter.json").get("method")
         if method not in ("full", "scratch"):
@@ -116,7 +120,9 @@ def _architecture(config: dict, parameters: int | None) -> dict:
             "heads": config.get("num_attention_heads"),
             "parameters": f"{parameters:,}" if parameters is not None else "an unknown number of",
             "sigma_data": config.get("sigma_data"), "P_mean": config.get("P_mean"), "P_std": config.get("P_std"),
-            "slots": slots, "spare": slots - len(config.get("geometry_slots", {}))}
+            "slots": slots, "spare": slots - len(config.get("geometry_slots", {})),
+            "student_steps": len(config.get("consistency_sigmas") or []),
+            "student_sigmas": ", ".join(f"{s:.3g}" for s in config.get("consistency_sigmas") or [])}
 
 
 def _geometry_row(name: str, slot, threshold, card) -> dict:
@@ -158,7 +164,7 @@ def read_folder(folder: Path) -> dict:
                                for n, s in sorted(slots.items(), key=lambda item: item[1])]
         facts["arch"] = _architecture(config, safetensors_parameters(folder / WEIGHTS))
         facts["names"] = set(slots)
-        if kind != "pretrained":
+        if kind in ("full", "scratch"):
             facts["adapter"] = {**read_json(folder / "calofm_adapter.json"), "known": True}
     if not facts["geometries"]:
         raise ValueError(f"{folder}: the model claims no geometry (config.json geometry_slots is empty)")
