@@ -142,6 +142,9 @@ def distill(d: DistillConfig) -> Path | None:
     """Run (or resume) a distillation; the student's folder (``<output_dir>/model``), None when stopped early."""
     from calofm.training.loop import train
 
+    from calofm.data.output import check_output
+
     teacher, folder = load_teacher(d.model)
+    check_output(Path(d.output_dir), [folder], kind="run")  # never onto, into or around the teacher
     cfg = train_config(d, teacher, folder)
     return train(cfg, distill_setup(d, teacher, folder, d.model))

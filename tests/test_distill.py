@@ -165,7 +165,7 @@ def test_student_loads_samples_and_generates_with_its_own_steps(teacher, student
     assert "consistency-distilled" in card and "1 network evaluation per shower" in card
 
 
-def test_distill_refuses_students_adapters_and_bad_options(student, tmp_path):
+def test_distill_refuses_students_adapters_and_bad_options(teacher, student, tmp_path):
     with pytest.raises(ValueError, match="already a distilled student"):
         distil(student, tmp_path / "again")
     adapter = tmp_path / "adapter"
@@ -173,6 +173,8 @@ def test_distill_refuses_students_adapters_and_bad_options(student, tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="merge it first"):
         distil(adapter, tmp_path / "x")
+    with pytest.raises(Exception, match="inside the input"):
+        distil(teacher, teacher / "inside")
     for bad in ({"student_steps": 3}, {"grid": 1}, {"lr": 0.0}, {"ema_decay": 1.0}):
         with pytest.raises(ValueError):
             DistillConfig(model="m", **bad)
