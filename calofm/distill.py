@@ -140,9 +140,8 @@ def distill_setup(d: DistillConfig, teacher: nn.Module, folder: Path, spec: str)
 
 def distill(d: DistillConfig) -> Path | None:
     """Run (or resume) a distillation; the student's folder (``<output_dir>/model``), None when stopped early."""
-    from calofm.training.loop import train
-
     from calofm.data.output import check_output
+    from calofm.training.loop import train
 
     teacher, folder = load_teacher(d.model)
     check_output(Path(d.output_dir), [folder], kind="run")  # never onto, into or around the teacher
