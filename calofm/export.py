@@ -157,14 +157,18 @@ def io_names(module: nn.Module) -> tuple[list[str], list[str]]:
     return module.input_names(), ["showers"]
 
 
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"ONNX opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
+
+
 def write_onnx(module: nn.Module, path: Path, opset: int = 17) -> None:
     """ONNX with a dynamic batch dimension on every input and the output.
 
     torch's TorchScript-based exporter (``dynamo=False``): on this sampler (the solver loop unrolled into
     2 x (2K - 1) network calls) it exports a small model in seconds where the dynamo exporter took minutes,
-    and it writes opset 13-17 directly, as Geant4's DDML (opset 13) needs."""
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"ONNX opset must be in [{MIN_OPSET}, {MAX_OPSET}] (Geant4's DDML uses 13), got {opset}")
+    and it writes opsets 14-17 directly (the attention operator needs 14; Geant4's DDML files use 13)."""
+    check_opset(opset)
     import warnings
 
     inputs, outputs = io_names(module)
@@ -231,8 +235,8 @@ def export(model: str, out: str | Path, fmt: str = "onnx", *, sampler: str | Non
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
-    if fmt == "onnx" and not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"ONNX opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
+    if fmt == "onnx":
+        check_opset(opset)  # before anything is loaded or written
     folder = resolve(model)
     out = check_output(Path(out), [folder], overwrite)
     if is_adapter(folder):
@@ -245,7 +249,10 @@ def export(model: str, out: str | Path, fmt: str = "onnx", *, sampler: str | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        (write_onnx(module, tmp, opset) if fmt == "onnx" else write_torchscript(module, tmp))
+        if fmt == "onnx":
+            write_onnx(module, tmp, opset)
+        else:
+            write_torchscript(module, tmp)
         info = check_file(tmp, fmt, module)
         tmp.replace(out)
     finally:

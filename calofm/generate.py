@@ -17,7 +17,7 @@ import torch
 
 from calofm.cards import same_card
 from calofm.hub.loading import load_network
-from calofm.sampling import SAMPLERS, ShowerSampler, default_sampling, resolve_sampling  # noqa: F401
+from calofm.sampling import SAMPLERS, ShowerSampler
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ class ShowerGenerator:
         self.net = net.to(self.device).eval()
         self.config = config
         self.cards = dict(cards or {})  # geometry name -> Geometry stored with the model
-        self.pre = self.space.shower
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device=None, dtype: torch.dtype = torch.float32,
