@@ -85,7 +85,7 @@ def read_card(folder: Path, name: str, sha256: str, recorded_in: Path) -> Geomet
 
 
 def save_model(net: nn.Module, out: str | Path, geometries: dict[str, Geometry], info: dict | None = None) -> Path:
-    """Write ``net`` (a CaloDiTModel) with the cards of ``geometries`` it claims, atomically; ``info``:
+    """Write ``net`` (any calofm model) with the cards of ``geometries`` it claims, atomically; ``info``:
     {file name: JSON object} of extra descriptive files (e.g. how the model was made)."""
     out = Path(out)
     config = net.config
@@ -106,8 +106,11 @@ def check_model_folder(path: Path) -> dict:
     if (path / "adapter_config.json").exists():
         raise ValueError(f"{path}: is a LoRA adapter, not a full model")
     config = read_json(path / "config.json")
-    if config.get("model_type") != "calodit":
-        raise DamagedError(path / "config.json", f"model_type is {config.get('model_type')!r}, not 'calodit'")
+    from calofm.models import FAMILIES
+
+    if config.get("model_type") not in FAMILIES:
+        raise DamagedError(path / "config.json", f"model_type is {config.get('model_type')!r}, not a calofm model "
+                                                 f"({', '.join(FAMILIES)})")
     if not (path / WEIGHTS).is_file():
         pickled = " (pickled pytorch_model.bin files are not loaded)" if (path / "pytorch_model.bin").exists() else ""
         raise DamagedError(path / WEIGHTS, f"file not found{pickled}")
@@ -116,21 +119,29 @@ def check_model_folder(path: Path) -> dict:
 
 
 def load_model(path_or_repo: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
-    """(CaloDiTModel, {name: Geometry of its stored cards}, folder) of a checked model folder or Hub id."""
+    """(model, {name: Geometry of its stored cards}, folder) of a checked model folder or Hub id: a CaloDiTModel
+    or a baseline family's model (``calofm.models.FAMILIES``, by config.json's model_type)."""
     from safetensors import SafetensorError
 
-    from calofm.models import CaloDiTConfig, CaloDiTModel
+    from calofm.models import family_classes
 
     path = resolve(path_or_repo, revision)
-    check_model_folder(path)
+    config_class, model_class = family_classes(check_model_folder(path)["model_type"])
     try:
-        config = CaloDiTConfig.from_pretrained(path)
+        config = config_class.from_pretrained(path)
     except (ValueError, TypeError, OSError) as err:
         raise DamagedError(path / "config.json", first_line(err)) from None
     try:
         with quiet_transformers():
-            net = CaloDiTModel.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+            net = model_class.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise DamagedError(path / WEIGHTS, f"cannot be loaded ({first_line(err)})") from None
     cards = {name: read_card(path, name, sha, path / "config.json") for name, sha in config.geometry_cards.items()}
     return net, cards, path
+
+
+def require_calodit(net: nn.Module, spec, action: str) -> None:
+    """Refuse a baseline family's model where only CaloDiT applies (adaptation, distillation, export)."""
+    family = getattr(net.config, "model_type", "calodit")
+    if family != "calodit":
+        raise ValueError(f"{spec}: is a {family} baseline model; {action} works on CaloDiT models only")

@@ -1,7 +1,8 @@
-"""Model registry: CaloDiT config/model classes, size presets, Auto* registration on import."""
+"""Model registry: CaloDiT and the baseline families, CaloDiT's size presets, Auto* registration on import."""
 
 from __future__ import annotations
 
+import importlib
 from types import MappingProxyType
 
 from transformers import AutoConfig, AutoModel
@@ -11,9 +12,9 @@ from calofm.models.calodit import (
     LORA_TARGETS,
     CaloDiTConfig,
     CaloDiTModel,
-    CheckpointMismatchError,
     lora_target_modules,
 )
+from calofm.models.shower import BaselineModel, CheckpointMismatchError, ShowerModelConfig
 
 # Registering here makes AutoConfig/AutoModel.from_pretrained work on any saved CaloDiT once
 # calofm.models is imported (no remote code, no trust_remote_code).
@@ -46,6 +47,32 @@ PRESETS = MappingProxyType(
 )
 
 
+# Every model family calofm trains and samples: registry name -> module. A module defines one config class
+# (``model_type`` = the registry name) and one model class, and registers both with Auto* when imported.
+FAMILIES = MappingProxyType({
+    "calodit": "calofm.models.calodit",  # the foundation model (calofm.models.calodit)
+    "calodiffusion": "calofm.models.calodiffusion",  # 3D U-Net DDPM (Amram & Pedro 2023)
+    "bibae": "calofm.models.bibae",  # BIB-AE + post-processor (Buhmann et al. 2020)
+    "wgan": "calofm.models.wgan",  # conditional WGAN-GP with 3D convolutions (Buhmann et al. 2020)
+    "gflash": "calofm.models.gflash",  # the built-in parametrised simulator as a generator (no training)
+})
+BASELINES = tuple(name for name in FAMILIES if name != "calodit")
+
+
+def family_classes(name: str) -> tuple[type, type]:
+    """(config class, model class) of a registered family (``FAMILIES``; the name is also the model_type)."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family '{name}'; available: {', '.join(FAMILIES)}")
+    if name == "calodit":
+        return CaloDiTConfig, CaloDiTModel
+    module = importlib.import_module(FAMILIES[name])
+    config_class = next(v for v in vars(module).values() if isinstance(v, type) and
+                        getattr(v, "model_type", None) == name and issubclass(v, ShowerModelConfig))
+    model_class = next(v for v in vars(module).values() if isinstance(v, type) and
+                       getattr(v, "config_class", None) is config_class)
+    return config_class, model_class
+
+
 def preset_config(name: str, **overrides) -> CaloDiTConfig:
     """A fresh CaloDiTConfig for preset ``name`` with field overrides (e.g. geometry_slots)."""
     if name not in PRESETS:
@@ -59,6 +86,11 @@ def create_model(name: str, **overrides) -> CaloDiTModel:
 
 
 __all__ = [
+    "BASELINES",
+    "FAMILIES",
+    "BaselineModel",
+    "ShowerModelConfig",
+    "family_classes",
     "LORA_GROUPS",
     "LORA_TARGETS",
     "PRESETS",
@@ -69,3 +101,8 @@ __all__ = [
     "lora_target_modules",
     "preset_config",
 ]
+
+# every family registers with AutoConfig / AutoModel when its module is imported: import them all here, so
+# AutoModel.from_pretrained loads any calofm model once calofm.models is imported
+for _name in BASELINES:
+    family_classes(_name)

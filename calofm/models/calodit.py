@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 
-from calofm.geometry import MESH_SHAPE, N_SLOTS
 from calofm.models.energy import LayerEnergyNet
 from calofm.models.layers import (
     ConditionEmbedder,
@@ -37,6 +36,7 @@ from calofm.models.layers import (
     ZeroLinear,
     sincos_pos_embed_3d,
 )
+from calofm.models.shower import ShowerModelConfig, StrictLoading, check_ints
 
 # Public API: suffixes of the Linear layers peft's LoRA may target (``LoraConfig(target_modules=...)``).
 # qkv/proj: attention in every block; fc1/fc2: the block MLPs; adaLN_modulation: the conditioning
@@ -61,27 +61,21 @@ def lora_target_modules(groups) -> list[str]:
     return [name for g in LORA_GROUPS if g in groups for name in LORA_GROUPS[g]]
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's tensors do not match the model exactly (missing, unexpected or reshaped keys)."""
-
-
 VARIANTS = ("single", "factorised")
-_BASE_KWARGS = {"model_type", "name_or_path", "torch_dtype", "attn_implementation", "output_attentions"}
 
 
-class CaloDiTConfig(PreTrainedConfig):
-    """Architecture, EDM constants and the data description a CaloDiT checkpoint carries with it."""
+class CaloDiTConfig(ShowerModelConfig):
+    """Architecture, EDM constants and the data description a CaloDiT checkpoint carries with it (the
+    mesh, geometry claims and preprocessing fields are ``ShowerModelConfig``'s)."""
 
     model_type = "calodit"
 
-    mesh_shape: tuple[int, int, int] = MESH_SHAPE  # (r, phi, z) cells
     patch_size: tuple[int, int, int] = (3, 2, 3)  # (r, phi, z) cells per token: 3x8x15 = 360 tokens on the mesh
     hidden_size: int = 384
     num_hidden_layers: int = 6
     num_attention_heads: int = 6
     mlp_ratio: float = 4.0
     frequency_embedding_size: int = 256
-    n_geometry_slots: int = N_SLOTS  # rows of geometry_embed; spare rows are for adapting to new detectors
     cond_dropout: float = 0.0  # training-time probability of dropping all conditions (classifier-free guidance)
     variant: str = "single"  # "single" (the whole shower) or "factorised" (energy model + per-layer shapes)
     # energy model of the factorised variant: a DiT over the Z + 1 profile tokens
@@ -103,45 +97,25 @@ class CaloDiTConfig(PreTrainedConfig):
     # A consistency-distilled student (`calofm distill`) lists the noise levels of its few-step sampler here
     # (the first is sigma_max) and its network is a consistency function; empty for a diffusion model.
     consistency_sigmas: list[float] = field(default_factory=list)
-    # What the checkpoint was trained on: ShowerPreprocessor.state_dict(), geometry name -> slot, -> threshold MeV,
-    # -> largest cell energy in the training data in preprocessing units (fraction of E_inc, or MeV if "absolute");
     # factorised: ProfilePreprocessor.state_dict() (per-geometry statistics of the profile vector)
-    preprocessing: dict[str, Any] = field(default_factory=dict)
     profile_preprocessing: dict[str, Any] = field(default_factory=dict)
-    geometry_slots: dict[str, int] = field(default_factory=dict)
-    geometry_thresholds: dict[str, float] = field(default_factory=dict)
-    geometry_cell_max: dict[str, float] = field(default_factory=dict)
-    # geometry name -> sha256 of its card, stored with the model as geometries/<name>.yaml (calofm.hub.folders)
-    geometry_cards: dict[str, str] = field(default_factory=dict)
 
-    def __post_init__(self, **kwargs):
-        # Extra kwargs would silently become attributes (a typo like hiden_size=... gives the default size);
-        # allow only the bookkeeping keys transformers itself passes and consumes.
-        unknown = sorted(k for k in kwargs if k not in _BASE_KWARGS and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"CaloDiTConfig: unknown key(s) {unknown}")
-        # config.json stores tuples as lists
-        self.mesh_shape = tuple(self.mesh_shape)
+    _CLAIMS = (*ShowerModelConfig._CLAIMS, "profile_preprocessing")
+
+    def _normalise(self) -> None:
         self.patch_size = tuple(self.patch_size)
-        self.geometry_slots = dict(self.geometry_slots or {})
-        self.geometry_thresholds = {k: float(v) for k, v in (self.geometry_thresholds or {}).items()}
-        self.geometry_cell_max = {k: float(v) for k, v in (self.geometry_cell_max or {}).items()}
-        self.geometry_cards = dict(self.geometry_cards or {})
-        self.preprocessing = dict(self.preprocessing or {})
         self.profile_preprocessing = dict(self.profile_preprocessing or {})
         self.consistency_sigmas = [float(v) for v in (self.consistency_sigmas or [])]
-        self._check()
-        super().__post_init__(**kwargs)
 
     def _check(self):
-        def ints(name, values, low=1):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
-                raise ValueError(f"CaloDiTConfig.{name}={values!r}: expected integers >= {low}")
+        super()._check()
 
-        ints("mesh_shape", self.mesh_shape)
+        def ints(name, values, low=1):
+            check_ints("CaloDiTConfig", name, values, low)
+
         ints("patch_size", self.patch_size)
-        if len(self.mesh_shape) != 3 or len(self.patch_size) != 3:
-            raise ValueError("CaloDiTConfig: mesh_shape and patch_size need 3 entries (r, phi, z)")
+        if len(self.patch_size) != 3:
+            raise ValueError("CaloDiTConfig: patch_size needs 3 entries (r, phi, z)")
         if any(p > n for p, n in zip(self.patch_size, self.mesh_shape)):
             raise ValueError(f"CaloDiTConfig: patch_size {self.patch_size} is larger than mesh {self.mesh_shape}")
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "frequency_embedding_size"):
@@ -152,7 +126,6 @@ class CaloDiTConfig(PreTrainedConfig):
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 6 (3 axes x sin/cos positions)")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        ints("n_geometry_slots", [self.n_geometry_slots], low=N_SLOTS)
         if self.variant not in VARIANTS:
             raise ValueError(f"CaloDiTConfig.variant={self.variant!r}: expected one of {VARIANTS}")
         for name in ("energy_hidden_size", "energy_num_layers", "energy_num_heads"):
@@ -168,72 +141,28 @@ class CaloDiTConfig(PreTrainedConfig):
         if cs and not (cs[0] == self.sigma_max and all(b < a for a, b in zip(cs, cs[1:])) and cs[-1] > self.sigma_min):
             raise ValueError(f"consistency_sigmas {cs}: need a decreasing list from sigma_max={self.sigma_max} "
                              f"staying above sigma_min={self.sigma_min}")
-        slots, n_slots = list(self.geometry_slots.values()), self.n_geometry_slots
-        if not all(isinstance(s, int) and 0 <= s < n_slots for s in slots) or len(set(slots)) < len(slots):
-            raise ValueError(f"geometry_slots {self.geometry_slots}: need distinct ints in [0, {n_slots})")
-        if set(self.geometry_thresholds) - set(self.geometry_slots):
-            raise ValueError("geometry_thresholds names a geometry that is not in geometry_slots")
-        if any(t < 0 for t in self.geometry_thresholds.values()):
-            raise ValueError("geometry_thresholds must be >= 0 MeV")
-        if set(self.geometry_cell_max) - set(self.geometry_slots):
-            raise ValueError("geometry_cell_max names a geometry that is not in geometry_slots")
-        if not all(0 < v < math.inf for v in self.geometry_cell_max.values()):
-            raise ValueError(f"geometry_cell_max {self.geometry_cell_max}: values must be finite and > 0")
-        if set(self.geometry_cards) - set(self.geometry_slots):
-            raise ValueError("geometry_cards names a geometry that is not in geometry_slots")
-        if not all(isinstance(h, str) and len(h) == 64 for h in self.geometry_cards.values()):
-            raise ValueError(f"geometry_cards {self.geometry_cards}: values must be sha256 hex digests")
         profile = (self.profile_preprocessing or {}).get("stats", {})
         if set(profile) - set(self.geometry_slots):
             raise ValueError("profile_preprocessing names a geometry that is not in geometry_slots")
         if any(int(e.get("slot", -1)) != self.geometry_slots[n] for n, e in profile.items()):
             raise ValueError("profile_preprocessing: a geometry's statistics carry another slot than geometry_slots")
 
-    # The geometry claims change only through these two methods (and are checked again on save), so a
-    # config that saves always loads: one slot per geometry, every entry about a claimed geometry.
     def add_geometry(self, name: str, slot: int, threshold: float, cell_max: float | None = None,
                      card_sha256: str | None = None, profile: dict | None = None) -> None:
-        """Claim ``slot`` for geometry ``name``: its own slot if the config knows it, else a free one.
-        ``profile``: the geometry's ``ProfilePreprocessor`` statistics (factorised variant)."""
-        known = self.geometry_slots.get(name)
-        if known is not None and known != slot:
-            raise ValueError(f"geometry '{name}' has slot {known} in the model, not {slot}")
-        owner = next((g for g, s in self.geometry_slots.items() if s == slot and g != name), None)
-        if owner is not None:
-            raise ValueError(f"slot {slot} for geometry '{name}' is already used by '{owner}'")
-        old = (self.geometry_slots, self.geometry_thresholds, self.geometry_cell_max, self.geometry_cards,
-               self.profile_preprocessing)
-        self.geometry_slots = {**self.geometry_slots, name: slot}
+        """Claim ``slot`` for geometry ``name`` (``ShowerModelConfig.add_geometry``). ``profile``: the
+        geometry's ``ProfilePreprocessor`` statistics (factorised variant)."""
+        super().add_geometry(name, slot, threshold, cell_max, card_sha256, profile=profile)
+
+    def _claim_extra(self, name: str, profile: dict | None = None) -> None:
         if profile is not None:
             state = dict(self.profile_preprocessing)
             self.profile_preprocessing = {**state, "stats": {**state.get("stats", {}), name: dict(profile)}}
-        self.geometry_thresholds = {**self.geometry_thresholds, name: float(threshold)}
-        if cell_max is not None:
-            self.geometry_cell_max = {**self.geometry_cell_max, name: float(cell_max)}
-        if card_sha256 is not None:
-            self.geometry_cards = {**self.geometry_cards, name: card_sha256}
-        try:
-            self._check()
-        except ValueError:
-            (self.geometry_slots, self.geometry_thresholds, self.geometry_cell_max, self.geometry_cards,
-             self.profile_preprocessing) = old
-            raise
 
     def keep_geometries(self, names) -> None:
-        """Claim only ``names`` (a model trained further on them no longer generates the others as trained)."""
-        names = set(names)
-        unknown = sorted(names - set(self.geometry_slots))
-        if unknown:
-            raise ValueError(f"keep_geometries: {unknown} not in geometry_slots")
-        for attr in ("geometry_slots", "geometry_thresholds", "geometry_cell_max", "geometry_cards"):
-            setattr(self, attr, {k: v for k, v in getattr(self, attr).items() if k in names})
+        super().keep_geometries(names)
         if self.profile_preprocessing.get("stats"):
-            stats = {k: v for k, v in self.profile_preprocessing["stats"].items() if k in names}
+            stats = {k: v for k, v in self.profile_preprocessing["stats"].items() if k in set(names)}
             self.profile_preprocessing = {**self.profile_preprocessing, "stats": stats}
-
-    def save_pretrained(self, *args, **kwargs):
-        self._check()  # also after direct edits of the attributes: never save what cannot be loaded
-        return super().save_pretrained(*args, **kwargs)
 
     @property
     def factorised(self) -> bool:
@@ -280,7 +209,7 @@ class PatchEmbed3D(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class CaloDiTPreTrainedModel(PreTrainedModel):
+class CaloDiTPreTrainedModel(StrictLoading, PreTrainedModel):
     config_class = CaloDiTConfig
     base_model_prefix = "calodit"
     main_input_name = "x"
@@ -390,21 +319,3 @@ class CaloDiTModel(ShowerConditions, CaloDiTPreTrainedModel):
         for block in self.blocks:
             tokens = block(tokens, c)  # (B, T, D)
         return self.unpatchify(self.final_layer(tokens, c))  # (B, R, P, Z)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=torch.float32, strict=True,
-                        use_safetensors=True, **kwargs):
-        """transformers' loader, but float32 unless a dtype is asked for, strict about tensor keys and safetensors
-        only (transformers 5 defaults to dtype="auto", falls back to a pickled ``pytorch_model.bin`` and only logs
-        missing/unexpected keys): a key mismatch raises CheckpointMismatchError when strict, and a folder holding
-        only a ``.bin`` is an OSError, never unpickled (also through ``AutoModel.from_pretrained``)."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, dtype=dtype,
-                                              use_safetensors=use_safetensors, output_loading_info=True, **kwargs)
-        problems = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys")}
-        problems["mismatched_keys"] = sorted(str(k) for k in info.get("mismatched_keys") or ())
-        problems = {k: v for k, v in problems.items() if v}
-        if strict and (problems or info.get("error_msgs")):
-            detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in problems.items()) or str(info["error_msgs"])
-            raise CheckpointMismatchError(f"{pretrained_model_name_or_path}: checkpoint does not match model: {detail}")
-        return (model, info) if want_info else model
