@@ -49,7 +49,7 @@ def step_costs(variants, cache: str, repeats: int = 3, steps: int = 12) -> dict[
     from calofm.config import build
     from calofm.training.config import TrainConfig
     from calofm.training.data import prepare_data
-    from calofm.training.objective import DiffusionObjective, step_noise
+    from calofm.training.objective import DiffusionObjective
     from calofm.training.pretrain import build_pretrain_model
 
     setups = {}
@@ -60,9 +60,17 @@ def step_costs(variants, cache: str, repeats: int = 3, steps: int = 12) -> dict[
         batch = data.train.__getitems__([(17 * i) % len(data.train) for i in range(32)])
         batch = {k: torch.as_tensor(b) for k, b in batch.items()}
         setups[v] = (DiffusionObjective(net).train(), space, batch, torch.optim.AdamW(net.parameters(), 1e-4))
-    best = {v: float("inf") for v in variants}
+    return time_steps(setups, repeats, steps)
+
+
+def time_steps(setups: dict, repeats: int, steps: int) -> dict[str, float]:
+    """{name: seconds per optimiser step}, best of ``repeats`` interleaved rounds of ``steps`` steps of each
+    (objective, model space, batch, optimiser) in ``setups``."""
+    from calofm.training.objective import step_noise
+
+    best = {name: float("inf") for name in setups}
     for _ in range(repeats):
-        for v, (objective, space, batch, opt) in setups.items():
+        for name, (objective, space, batch, opt) in setups.items():
             t0 = time.perf_counter()
             for k in range(steps):
                 x, cond = space.inputs(batch, "cpu")
@@ -72,7 +80,7 @@ def step_costs(variants, cache: str, repeats: int = 3, steps: int = 12) -> dict[
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            best[v] = min(best[v], (time.perf_counter() - t0) / steps)
+            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
     return best
 
 

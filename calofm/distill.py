@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from calofm.hub.folders import CARDS_DIR, DISTILL_FILE, load_model, save_model
+from calofm.hub.folders import CARDS_DIR, DISTILL_FILE, load_model, require_calodit, save_model
 from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import resolve
 from calofm.training.config import TRAIN_SEED_MAX, Validated, check_float, check_int
@@ -77,6 +77,7 @@ def load_teacher(spec: str):
         raise ValueError(f"{spec}: is a LoRA adapter; distil one network: merge it first (`calofm adapt ... --merge` "
                          "writes <out>/merged) or distil its base")
     net, _, folder = load_model(path)
+    require_calodit(net, spec, "calofm distill")
     if getattr(net.config, "consistency_sigmas", None):
         raise ValueError(f"{spec}: is already a distilled student; distil its teacher instead")
     return net, Path(folder)

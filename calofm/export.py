@@ -230,6 +230,7 @@ def export(model: str, out: str | Path, fmt: str = "onnx", *, sampler: str | Non
     """Export ``model`` (folder or Hub id) to ``out``; checked before anything is written, written to a temporary
     file and renamed into place once it has run. Returns what ``check_file`` found, plus the sampler used."""
     from calofm.data.output import check_output
+    from calofm.hub.folders import require_calodit
     from calofm.hub.loading import is_adapter, load_network
     from calofm.hub.resolve import resolve
 
@@ -243,6 +244,7 @@ def export(model: str, out: str | Path, fmt: str = "onnx", *, sampler: str | Non
         raise ValueError(f"{model}: is a LoRA adapter; export the merged model (`calofm adapt ... --merge` writes "
                          "<out>/merged): an exported graph holds one network")
     net, config, cards = load_network(folder)
+    require_calodit(net, model, "calofm export")
     thresholds = {n: g.card.threshold for n, g in cards.items() if n not in config.geometry_thresholds}
     module = build_graph(net, config, sampler=sampler, steps=steps, par04=par04, slot_map=slot_map,
                          noise_inputs=noise_inputs, thresholds=thresholds)

@@ -17,7 +17,7 @@ import torch
 
 from calofm.cards import same_card
 from calofm.hub.loading import load_network
-from calofm.sampling import SAMPLERS, ShowerSampler
+from calofm.sampling import SAMPLERS, BaselineSampler, ShowerSampler, network_evaluations, resolve_sampling
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,11 @@ class ShowerGenerator:
     """A trained model ready to sample: ``sample(geometry=, energy_gev= | energy_mev=, phi=, theta=)`` -> MeV."""
 
     def __init__(self, net: torch.nn.Module, config, device: str | torch.device | None = None, cards=None):
+        from calofm.models import BaselineModel
         from calofm.preprocess import ModelSpace
 
-        self.space = ModelSpace.from_config(config)
+        self.baseline = isinstance(net, BaselineModel)  # a baseline family: its own sampler (BaselineSampler)
+        self.space = None if getattr(net, "generates_mev", False) else ModelSpace.from_config(config)
         if device is None:
             from accelerate import PartialState
 
@@ -118,9 +120,27 @@ class ShowerGenerator:
         bar.close()
         return out
 
+    def sampling(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int, int]:
+        """(sampler, steps, network evaluations per shower) with the model's defaults filled in; a baseline
+        family's sampler is the family name."""
+        if self.baseline:
+            if sampler not in (None, self.net.family):
+                raise ValueError(f"a {self.net.family} model samples with its own sampler: --sampler does not apply")
+            steps = self.net.check_steps(steps)
+            return self.net.family, steps, self.net.network_evaluations(steps)
+        sampler, steps = resolve_sampling(self.config, sampler, steps)
+        return sampler, steps, network_evaluations(sampler, steps)
+
     def runner(self, geometry: str, sampler: str | None = None, steps: int | None = None,
                cell_cap: bool = True) -> ShowerSampler:
-        """The whole sampler for ``geometry`` as one module (``calofm.sampling.ShowerSampler``) on the device."""
+        """The whole sampler for ``geometry`` as one module (``calofm.sampling.ShowerSampler``, or for a baseline
+        family ``BaselineSampler``) on the device."""
+        if self.baseline:
+            if sampler not in (None, self.net.family):
+                raise ValueError(f"a {self.net.family} model samples with its own sampler: --sampler does not apply")
+            geometries = {self.slot(geometry): self.geometry(geometry)} if self.net.generates_mev else None
+            return BaselineSampler(self.net, self.config, steps=steps, cell_cap=cell_cap, geometries=geometries,
+                                   thresholds={geometry: self.threshold(geometry)}).to(self.device)
         return ShowerSampler(self.net, self.config, sampler=sampler, steps=steps, cell_cap=cell_cap,
                              thresholds={geometry: self.threshold(geometry)}).to(self.device)
 
@@ -142,7 +162,12 @@ class ShowerGenerator:
         cond = [torch.tensor(v, dtype=torch.float32, device=dev) for v in (e, phi, theta)]
         slot = torch.full((n,), self.slot(geometry), dtype=torch.long, device=dev)
         # batch k's noise depends on (seed, k) only: the same seed and batch size give the same file
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)  # any int seed, even >= 2**62
+        key = (seed * 1_000_003 + k) % 2**63  # any int seed, even >= 2**62
+        if self.baseline:  # the family draws its latents itself, on the device
+            gen = torch.Generator(device=dev).manual_seed(key)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                return runner(*cond, slot, generator=gen).cpu().numpy()
+        gen = torch.Generator().manual_seed(key)
         noise = torch.randn((n, *self.config.mesh_shape), generator=gen, dtype=torch.float64).to(dev)
         profile_noise = None
         if self.space.factorised:

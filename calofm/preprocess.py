@@ -6,6 +6,11 @@ inverse:  x = u (exp(y std + mean) - eps), then cells below max(noise_cut eps u,
           "layer": each layer is normalised to 1, scaled to its given energy, cut at the threshold and
           scaled again, so every layer holds exactly its energy (the energy-factorised variant)
 
+"logit" (CaloDiffusion, Amram & Pedro 2023): v = x / (maxdep E_inc), y = (logit(eps + (1 - 2 eps) v) - mean) / std;
+inverse: v = (sigmoid(y std + mean) - eps) / (1 - 2 eps) clamped at 0, x = v maxdep E_inc, then the same noise
+cut (v below noise_cut eps) and readout threshold. eps is the paper's alpha = 1e-6, maxdep its MAXDEP (2 for
+CaloChallenge datasets 2 and 3): the largest cell energy the transform can represent, as a multiple of E_inc.
+
 ``ProfilePreprocessor`` is the transform of the factorised variant's energy model: layer energies ->
 [log(E_tot / E_inc), log(E_z / E_tot + eps)] standardised per geometry.
 
@@ -28,7 +33,9 @@ from typing import Any, Literal
 import torch
 
 VERSION = 3  # 2 added noise_cut (version-1 states load with 0), 3 added floor (older states load with None)
-MODES = ("absolute", "fraction", "layer")
+# (mode "logit" and its key "maxdep" came later without a new version: states of the other modes are unchanged,
+# and a reader that predates them refuses the mode by name)
+MODES = ("absolute", "fraction", "layer", "logit")
 
 
 class ShowerPreprocessor:
@@ -36,13 +43,14 @@ class ShowerPreprocessor:
 
     def __init__(
         self,
-        mode: Literal["absolute", "fraction", "layer"] = "fraction",
+        mode: Literal["absolute", "fraction", "layer", "logit"] = "fraction",
         eps: float | None = None,
         mean: float = 0.0,
         std: float = 1.0,
         count: int = 0,
         noise_cut: float = 0.0,
         floor: float | None = None,
+        maxdep: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
@@ -52,6 +60,14 @@ class ShowerPreprocessor:
                              f"(eps={eps}, std={std}, mean={mean}, noise_cut={noise_cut})")
         if floor is not None and not 0 < floor < math.inf:
             raise ValueError(f"preprocessing floor must be > 0 (a fraction of the readout threshold), got {floor}")
+        if mode == "logit":
+            maxdep = 2.0 if maxdep is None else float(maxdep)
+            if not 0 < maxdep < math.inf or not eps < 0.5 or floor is not None:
+                raise ValueError(f"preprocessing mode 'logit' needs maxdep > 0, eps < 0.5 and no floor "
+                                 f"(maxdep={maxdep}, eps={eps}, floor={floor})")
+        elif maxdep is not None:
+            raise ValueError(f"preprocessing maxdep applies to mode 'logit' only, not {mode!r}")
+        self.maxdep = maxdep  # logit: cells are fractions of maxdep x E_inc (None in the other modes)
         self.mode, self.eps, self.mean, self.std, self.count = mode, eps, float(mean), float(std), int(count)
         self.noise_cut = float(noise_cut)  # inverse: cells below noise_cut x the floor (eps u, or floor thr) -> 0
         # floor: the empty-cell floor is floor x the readout threshold (MeV) instead of eps x the unit, so it sits
@@ -80,7 +96,7 @@ class ShowerPreprocessor:
             sums = x.sum(dim=(1, 2)) if layers is None else torch.as_tensor(layers, dtype=x.dtype, device=x.device)
             return torch.where(sums > 0, sums, torch.ones_like(sums))[:, None, None, :]
         if energy is None:
-            raise ValueError("preprocessing mode 'fraction' needs the incident energy (MeV)")
+            raise ValueError(f"preprocessing mode '{self.mode}' needs the incident energy (MeV)")
         return torch.as_tensor(energy, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
 
     def forward(self, showers: torch.Tensor, energy: torch.Tensor | None = None, check: bool = True,
@@ -94,7 +110,16 @@ class ShowerPreprocessor:
         if check and (x < 0).any():
             raise ValueError("showers must be non-negative energies in MeV")
         unit = self.unit(x, energy)
+        if self.mode == "logit":
+            return (self._logit(x / (self.maxdep * unit), check) - self.mean) / self.std
         return (torch.log(x / unit + self.offset(unit, threshold)) - self.mean) / self.std
+
+    def _logit(self, v: torch.Tensor, check: bool) -> torch.Tensor:
+        """logit(eps + (1 - 2 eps) v) of cell fractions v = x / (maxdep E_inc) in [0, 1]."""
+        if check and (v > 1).any():
+            raise ValueError(f"a cell holds more than maxdep={self.maxdep:g} x the incident energy; raise maxdep")
+        v = self.eps + (1 - 2 * self.eps) * v.clamp_max(1.0)  # (unchecked: a brighter cell saturates)
+        return torch.log(v) - torch.log1p(-v)
 
     __call__ = forward
 
@@ -110,6 +135,8 @@ class ShowerPreprocessor:
         if threshold.ndim:
             threshold = threshold.reshape(-1, *([1] * (y.ndim - 1)))
         log_rel = y * self.std + self.mean
+        if self.mode == "logit":
+            return self._inverse_logit(log_rel, energy, threshold, layers)
         if self.mode == "layer" and layers is None:
             raise ValueError("preprocessing mode 'layer' needs the layer energies (MeV) to invert")
         unit = self.unit(y, energy, layers)
@@ -123,6 +150,17 @@ class ShowerPreprocessor:
         if layers is None:
             return torch.where(x >= threshold, x, torch.zeros_like(x))
         return self._fit_layers(x, log_rel, torch.as_tensor(layers, dtype=x.dtype, device=x.device), threshold)
+
+    def _inverse_logit(self, z, energy, threshold: torch.Tensor, layers) -> torch.Tensor:
+        """Logits z (B, ...) -> MeV: sigmoid (finite for any z, so no cap is needed), undo the affine map, clamp
+        at 0, noise cut at noise_cut x eps (the empty-cell floor, as a fraction of maxdep E_inc), x maxdep E_inc,
+        readout threshold; with ``layers`` every layer is rescaled to its energy as in the other modes."""
+        rel = ((torch.sigmoid(z) - self.eps) / (1 - 2 * self.eps)).clamp_min(0.0)  # x / (maxdep E_inc)
+        rel = torch.where(rel >= self.noise_cut * self.eps, rel, torch.zeros_like(rel))
+        x = rel * (self.maxdep * self.unit(z, energy))
+        if layers is None:
+            return torch.where(x >= threshold, x, torch.zeros_like(x))
+        return self._fit_layers(x, z, torch.as_tensor(layers, dtype=x.dtype, device=x.device), threshold)
 
     def _fit_layers(self, x, log_rel, layers: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """Cells (B, R, P, Z), in any unit -> MeV with every layer summing exactly to ``layers`` (B, Z).
@@ -149,7 +187,8 @@ class ShowerPreprocessor:
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, batches: Iterable[Any]) -> ShowerPreprocessor:
-        """Streamed mean/std of log(x/u + eps) over all cells; batches are dicts (showers, energy MeV) or pairs.
+        """Streamed mean/std of log(x/u + eps) (or the logit) over all cells; batches are dicts (showers, energy
+        MeV) or pairs.
 
         Chan et al.'s pairwise update in float64: memory is one batch, the result independent of batching.
         """
@@ -170,7 +209,7 @@ class ShowerPreprocessor:
 
     # -- JSON-able state (lives in CaloDiTConfig.preprocessing) --------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "version": VERSION,
             "mode": self.mode,
             "eps": self.eps,
@@ -180,20 +219,24 @@ class ShowerPreprocessor:
             "noise_cut": self.noise_cut,
             "floor": self.floor,
         }
+        if self.mode == "logit":  # only there: the states of the other modes stay as they were
+            state["maxdep"] = self.maxdep
+        return state
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ShowerPreprocessor:
         state = dict(state)
         if state.pop("version", None) not in (1, 2, VERSION):
             raise ValueError(f"preprocessing state: expected version 1 to {VERSION}, got {state!r}")
-        unknown = set(state) - {"mode", "eps", "mean", "std", "count", "noise_cut", "floor"}
+        unknown = set(state) - {"mode", "eps", "mean", "std", "count", "noise_cut", "floor", "maxdep"}
         if unknown or not {"mode", "eps", "mean", "std"} <= set(state):
             raise ValueError(f"preprocessing state: unknown keys {sorted(unknown)} or missing mode/eps/mean/std")
         return cls(**state)
 
     def __repr__(self) -> str:
         return (f"ShowerPreprocessor(mode={self.mode!r}, eps={self.eps:g}, mean={self.mean:.4f}, "
-                f"std={self.std:.4f}, noise_cut={self.noise_cut:g}, floor={self.floor})")
+                f"std={self.std:.4f}, noise_cut={self.noise_cut:g}, floor={self.floor}"
+                + (f", maxdep={self.maxdep:g})" if self.mode == "logit" else ")"))
 
 
 class RunningStats:

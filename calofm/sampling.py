@@ -127,10 +127,56 @@ class ShowerSampler(nn.Module):
             y = self.solve(self.precond, noise, shape_cond, generator)
             return pre.inverse(y, e_mev, threshold=threshold, layers=layers).float()
         y = self.solve(self.precond, noise, cond, generator)
-        # no cell can hold more than the incident energy (an undertrained model could otherwise overflow exp()
-        # in the inverse transform), nor more than the brightest cell of the training data (docs/generation.md)
-        top = e_mev.reshape(-1, 1, 1, 1)
-        limit = self.cell_max[slot.long()].reshape(-1, 1, 1, 1) * pre.unit(top, e_mev)
-        top = torch.minimum(top, limit.to(top))
-        cap = pre.forward(top.expand_as(y), e_mev, check=False, threshold=threshold)
-        return pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=threshold).float()
+        return capped_inverse(pre, y, e_mev, threshold, self.cell_max[slot.long()])
+
+
+def capped_inverse(pre, y: torch.Tensor, e_mev: torch.Tensor, threshold: torch.Tensor,
+                   cell_max: torch.Tensor) -> torch.Tensor:
+    """Model space -> MeV (B, R, P, Z) for a model that generates whole showers. No cell can hold more than the
+    incident energy (an undertrained model could otherwise overflow exp() in the inverse transform), nor more
+    than ``cell_max`` (B,) (the brightest cell of the geometry's training data, docs/generation.md)."""
+    top = e_mev.reshape(-1, 1, 1, 1)
+    limit = cell_max.reshape(-1, 1, 1, 1) * pre.unit(top, e_mev)
+    top = torch.minimum(top, limit.to(top))
+    cap = pre.forward(top.expand_as(y), e_mev, check=False, threshold=threshold)
+    return pre.inverse(torch.minimum(y, cap).float(), e_mev.float(), threshold=threshold).float()
+
+
+class BaselineSampler(nn.Module):
+    """The sampler of a baseline family (``calofm.models.BaselineModel``), called like ``ShowerSampler``:
+    forward(energy GeV, phi, theta, slot, noise, profile_noise, generator) -> showers (B, R, P, Z) in MeV.
+
+    The family's ``generate`` draws all its randomness from ``generator`` (``noise`` is not used: each family
+    has its own latent shapes); its model-space showers are inverted, capped and thresholded as the single
+    CaloDiT's are. A family that generates MeV itself (``generates_mev``, the parametrised simulator) is
+    given the detector cards of the rows' slots (``geometries``: slot -> Geometry) instead.
+    """
+
+    def __init__(self, net: nn.Module, config, *, steps: int | None = None, cell_cap: bool = True,
+                 thresholds: dict[str, float] | None = None, geometries: dict | None = None):
+        super().__init__()
+        self.net, self.config = net, config
+        self.steps = net.check_steps(steps)
+        self.mev = bool(getattr(net, "generates_mev", False))
+        self.space = None if self.mev else ModelSpace.from_config(config)
+        self.geometries = dict(geometries or {})
+        thresholds = {**config.geometry_thresholds, **(thresholds or {})}
+        self.register_buffer("thresholds", slot_table(config, thresholds, 0.0), persistent=False)
+        cell_max = config.geometry_cell_max if cell_cap else {}
+        self.register_buffer("cell_max", slot_table(config, cell_max, math.inf), persistent=False)
+
+    @property
+    def sampler(self) -> str:
+        return self.net.family
+
+    def forward(self, energy: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, slot: torch.Tensor,
+                noise: torch.Tensor | None = None, profile_noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        del noise, profile_noise  # the family draws its own latents from the generator
+        cond = {"energy": energy.float(), "phi": phi.float(), "theta": theta.float(), "geometry": slot.long()}
+        e_mev = energy.double() * 1e3
+        if self.mev:
+            return self.net.generate(cond, generator, steps=self.steps, geometries=self.geometries).float()
+        y = self.net.generate(cond, generator, steps=self.steps)
+        slot = slot.long()
+        return capped_inverse(self.space.shower, y, e_mev, self.thresholds[slot], self.cell_max[slot])

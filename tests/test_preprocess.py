@@ -114,8 +114,68 @@ def test_state_json_round_trip_and_lives_in_model_config(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(mode="logit"), dict(eps=0.0), dict(std=0.0), dict(mean=math.nan), dict(noise_cut=-1.0)]
+    "kwargs", [dict(mode="sqrt"), dict(eps=0.0), dict(std=0.0), dict(mean=math.nan), dict(noise_cut=-1.0)]
 )
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
         ShowerPreprocessor(**kwargs)
+
+
+# -- mode "logit" (CaloDiffusion's preprocessing) ----------------------------------------------------------------
+
+
+def physical_showers(batch=6, seed=0, dtype=torch.float32):
+    """``showers`` with no cell above the incident energy (the logit transform represents up to maxdep x E_inc)."""
+    x, energy = showers(batch, seed, dtype)
+    return torch.minimum(x, energy.reshape(-1, 1, 1, 1)), energy
+
+
+def test_logit_round_trip_state_and_refusals(tmp_path):
+    x, energy = physical_showers()
+    pre = ShowerPreprocessor(mode="logit", noise_cut=2.0).fit([(x, energy)])
+    assert pre.maxdep == 2.0 and pre.eps == 1e-6  # the paper's MAXDEP (datasets 2, 3) and alpha
+    y = pre.forward(x, energy)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert abs(y.double().mean().item()) < 1e-4 and abs(y.double().std().item() - 1) < 1e-3  # standardised
+    # the forward map itself: logit(alpha + (1 - 2 alpha) x / (maxdep E_inc)), then the fitted standardisation
+    v = 1e-6 + (1 - 2e-6) * x.double() / (2.0 * energy.double().reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(pre.forward(x.double(), energy.double()), (torch.log(v / (1 - v)) - pre.mean) / pre.std)
+    # float32 round trip: cells well above the empty-cell floor (alpha maxdep E_inc) come back to 1e-5 relative
+    floor = pre.eps * pre.maxdep * energy.reshape(-1, 1, 1, 1)
+    threshold = 5e-4
+    back = pre.inverse(y, energy, threshold=threshold)
+    hit = x >= torch.clamp_min(10 * floor, threshold * (1 + 1e-4))
+    assert hit.sum() > 1000 and (((back - x).abs() <= 1e-5 * x)[hit]).all()
+    above = x >= torch.clamp_min(2.01 * floor, threshold * (1 + 1e-4))  # above the readout threshold and noise cut
+    assert (((back - x).abs() <= 1e-5 * (x + floor))[above]).all()
+    below = (x < threshold) | (x < 1.99 * floor)
+    assert (back >= 0).all() and (back[x == 0] == 0).all() and (back[below] == 0).all()
+    x64, e64 = physical_showers(dtype=torch.float64)
+    exact = ShowerPreprocessor(mode="logit", mean=pre.mean, std=pre.std)  # no noise cut: every cell comes back
+    torch.testing.assert_close(exact.inverse(exact.forward(x64, e64), e64), x64, rtol=1e-9, atol=1e-12)
+    # the noise cut removes cells below noise_cut x the floor; arbitrary model-space values stay finite, <= maxdep E
+    cells = torch.tensor([[1.5, 2.5, 100.0]]) * 2e-6 * 1e4  # MeV at E_inc = 10 GeV: floor 0.02 MeV
+    kept = pre.inverse(pre.forward(cells.double(), torch.tensor([1e4]).double()), torch.tensor([1e4]).double())
+    assert (kept > 0).tolist() == [[False, True, True]]
+    wild = pre.inverse(torch.randn(2, 9, 16, 45) * 50, torch.tensor([1e3, 1e5]))
+    assert torch.isfinite(wild).all() and (wild <= 2 * torch.tensor([1e3, 1e5]).reshape(-1, 1, 1, 1) * 1.0001).all()
+    # state: JSON round trip through a model config; maxdep is kept, other modes' states carry no maxdep
+    state = json.loads(json.dumps(ShowerPreprocessor(mode="logit", maxdep=3.1).fit([(x, energy)]).state_dict()))
+    assert state["maxdep"] == 3.1 and "maxdep" not in ShowerPreprocessor().state_dict()
+    again = ShowerPreprocessor.from_dict(state)
+    assert again.state_dict() == state and torch.equal(again.forward(x, energy), ShowerPreprocessor(
+        mode="logit", maxdep=3.1).fit([(x, energy)]).forward(x, energy))
+    config = CaloDiTConfig(hidden_size=48, num_attention_heads=4, preprocessing=state)
+    config.save_pretrained(tmp_path)
+    assert ShowerPreprocessor.from_dict(CaloDiTConfig.from_pretrained(tmp_path).preprocessing).state_dict() == state
+    with pytest.raises(ValueError, match="unknown keys"):
+        ShowerPreprocessor.from_dict({**state, "alpha": 1e-6})
+    with pytest.raises(ValueError, match="maxdep"):
+        pre.forward(x * 3, energy)  # a cell above maxdep x E_inc is refused (checked), not silently saturated
+    with pytest.raises(ValueError, match="incident energy"):
+        pre.forward(x)
+    for bad in (dict(maxdep=0.0), dict(eps=0.5), dict(floor=0.5)):
+        with pytest.raises(ValueError):
+            ShowerPreprocessor(mode="logit", **bad)
+    with pytest.raises(ValueError, match="maxdep"):
+        ShowerPreprocessor(mode="fraction", maxdep=2.0)

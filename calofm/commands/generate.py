@@ -12,7 +12,7 @@ import numpy as np
 from calofm.cards import card_attrs
 from calofm.commands.args import SEED, add_geometry_dir, int_in, parse_count, parse_range, torch_device
 from calofm.generate import MAX_BATCH, MAX_STEPS, ShowerGenerator, load
-from calofm.sampling import SAMPLERS, network_evaluations, resolve_sampling
+from calofm.sampling import SAMPLERS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(Path(args.out), inputs, args.overwrite)  # not onto or into an input, nor over a file
     check_ranges(args)
     gen = load(args.model, device=args.device)
-    args.sampler, args.steps = resolve_sampling(gen.config, args.sampler, args.steps)  # the model's defaults
+    args.sampler, args.steps, nfe = gen.sampling(args.sampler, args.steps)  # the model's defaults
     geometry = gen.geometry(args.geometry, args.geometry_dir)  # the model's own card first
     cond = conditions(args, geometry)
     n = len(cond["incident_energy"])
@@ -121,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
     with Staging(out.parent, out.name, inputs=inputs) as staging:
         write(gen, geometry, cond, staging.tmp / out.name, attrs, args)
         staging.place(staging.tmp / out.name, out)
-    nfe = network_evaluations(args.sampler, args.steps)
     print(f"wrote {n} showers for {geometry.name} to {out} ({args.sampler}, {args.steps} steps, {nfe} NFE)")
     return 0
 

@@ -38,6 +38,7 @@ from calofm.hub.folders import (
     load_model,
     quiet_transformers,
     read_card,
+    require_calodit,
     write_cards,
 )
 from calofm.hub.resolve import resolve, snapshot_commit
@@ -69,6 +70,7 @@ def load_base(base: str | Path, dtype=torch.float32, revision: str | None = None
     if (path / "adapter_config.json").exists():
         raise ValueError(f"{base}: is an adapter, not a base model (merge it first with --merge)")
     net, cards, path = load_model(path, dtype=dtype)
+    require_calodit(net, base, "calofm adapt")
     if tuple(net.config.mesh_shape) != MESH_SHAPE:
         raise ValueError(f"{base}: mesh {tuple(net.config.mesh_shape)} does not match the data mesh {MESH_SHAPE}")
     if not net.config.preprocessing:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 TRAIN_SEED_MAX = 2**32 - 1  # accelerate's set_seed seeds numpy's legacy generator, which takes 32 bits
 DATA_SEED_MAX = 2**62  # simulation seeds (validation uses seed + 1000; stored as an int64 file attribute)
@@ -158,13 +158,35 @@ class ModelConfig(Validated):
     P_mean: float | None = None  # EDM training noise: ln sigma ~ N(P_mean, P_std^2) (default: the model config's)
     P_std: float | None = None
     init_from: str | None = None  # start from a pretrained checkpoint (folder or Hub id) instead of scratch
+    # "calodit" or a baseline family (calofm.models.FAMILIES; `recipes/train.py --model NAME`); a baseline is built
+    # from family_config, whose keys and values its own config class checks (the fields above are CaloDiT's)
+    family: str = "calodit"
+    family_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        self._validate_family()
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
             check_int(f"model.{name}", getattr(self, name), optional=True)
         check_float("model.cond_dropout", self.cond_dropout, 0.0, 1.0, high_open=True, optional=True)
         check_float("model.P_mean", self.P_mean, -10.0, 10.0, optional=True)
         check_float("model.P_std", self.P_std, 0.0, 10.0, low_open=True, optional=True)
+
+    def _validate_family(self) -> None:
+        if self.family == "calodit":
+            if self.family_config:
+                raise ValueError("model.family_config is for the baseline families; CaloDiT takes model.preset, "
+                                 "model.hidden_size, ...")
+            return
+        from calofm.models import FAMILIES, family_classes  # only for a baseline: torch and transformers
+
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family {self.family!r}: choose from {', '.join(FAMILIES)}")
+        if self.init_from:
+            raise ValueError(f"model.init_from: a {self.family} baseline trains from scratch only")
+        try:
+            family_classes(self.family)[0](**self.family_config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"model.family_config ({self.family}): {err}") from None
 
 
 @dataclass

@@ -66,3 +66,20 @@ class DiffusionObjective(nn.Module):
             out["profile"] = edm_loss(EDMPrecond(net.energy_net, net.config), cond["profile"], profile_cond,
                                       sigma=noise["profile_sigma"], noise=noise["profile_noise"])
         return out
+
+
+class BaselineObjective(nn.Module):
+    """The training loss of a baseline family (``calofm.models.BaselineModel``): the sum of its per-sample
+    losses, from the same per-step noise as CaloDiT's (``step_noise``)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, cond: dict, noise: dict) -> torch.Tensor:
+        return sum(self.net.losses(x, cond, noise).values())
+
+    def parts(self, x: torch.Tensor, cond: dict, noise: dict) -> dict[str, torch.Tensor]:
+        """{"shower": (B,)}: the whole loss, for validation. Gradients stay on (a gradient penalty needs them)."""
+        with torch.enable_grad():
+            return {"shower": self.forward(x, cond, noise).detach()}
