@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_hub import uploads  # noqa: F401 - pytest fixture
 from train_helpers import reset_accelerate, run, tiny_config
 
 import calofm
@@ -216,3 +217,21 @@ def test_student_exports_whole_and_onnx_runtime_follows_both_consistency_steps(s
     changed = (*args[:4], torch.cat([args[4][:, :1], -args[4][:, 1:]], 1), args[5])
     assert not np.allclose(session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), changed)})[0],
                            got)
+
+
+def test_push_publishes_the_distillation_record_without_local_paths(student, uploads, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    assert cli(["push", str(student), "--repo-id", "org/student"]) == 0
+    assert "calofm_distill.json" in uploads.files()
+    staged = uploads.staged[-1]
+    local = json.loads((student / "calofm_distill.json").read_text())
+    info = json.loads((staged / "calofm_distill.json").read_text())
+    assert local["teacher"]["base_path"] and "base_path" not in info["teacher"]
+    assert info["teacher"]["base"] == Path(local["teacher"]["base"]).name == info["config"]["model"]
+    assert info["teacher"]["fingerprint"] == local["teacher"]["fingerprint"]
+    assert info["student_steps"] == local["student_steps"] and info["consistency_sigmas"] == [80.0]
+    assert "output_dir" not in info["config"] and "cache_dir" not in info["config"]
+    text = "".join(p.read_text(errors="ignore") for p in staged.rglob("*") if p.suffix in (".json", ".md"))
+    assert str(tmp_path.parent) not in text and str(student.parent) not in text  # no local path is published
+    assert calofm.load(staged).config.consistency_sigmas == [80.0]  # what was uploaded loads as a student

@@ -22,13 +22,14 @@ from pathlib import Path
 from calofm.config import first_line
 from calofm.data.integrity import MANIFEST, read_json, write_json
 from calofm.hub.adapters import ADAPTER_FILE, ADAPTER_WEIGHTS, base_of, fingerprint, read_adapter
-from calofm.hub.folders import WEIGHTS, card_file, check_model_folder
+from calofm.hub.folders import DISTILL_FILE, WEIGHTS, card_file, check_model_folder
 from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import fetch, resolve, split_revision, valid_repo_id
 from calofm.training.record import RECORD
 
 log = logging.getLogger(__name__)
-MODEL_FILES = ("config.json", WEIGHTS, MANIFEST, RECORD, ADAPTER_FILE)  # ADAPTER_FILE: a full fine-tune
+# ADAPTER_FILE: a full fine-tune's base; DISTILL_FILE: a distilled student's teacher and settings
+MODEL_FILES = ("config.json", WEIGHTS, MANIFEST, RECORD, ADAPTER_FILE, DISTILL_FILE)
 ADAPTER_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, MANIFEST, ADAPTER_FILE, RECORD)
 LOCAL_KEYS = ("base_path", "base_relative")  # local paths in calofm_adapter.json, never published
 
@@ -71,6 +72,20 @@ def public_record(info: dict, base_repo: str | None) -> dict:
         for key in ("output_dir", "cache_dir"):
             config.pop(key, None)
         info["config"] = config
+    return info
+
+
+def public_distill_record(info: dict) -> dict:
+    """``calofm_distill.json`` as published: the teacher by its Hub id, or by its folder's name when it was a
+    local folder (a student loads without its teacher), and no local paths in the recorded settings."""
+    info = dict(info)
+    teacher = {k: v for k, v in dict(info.get("teacher") or {}).items() if k not in LOCAL_KEYS}
+    if not valid_repo_id(str(teacher.get("base", ""))):
+        teacher["base"] = Path(str(teacher.get("base", ""))).name
+    info["teacher"] = teacher
+    if isinstance(info.get("config"), dict):
+        config = {k: v for k, v in info["config"].items() if k not in ("output_dir", "cache_dir")}
+        info["config"] = {**config, "model": teacher["base"]}
     return info
 
 
@@ -142,6 +157,8 @@ def stage_folder(folder: Path, staged: Path, repo_id: str, base_repo: str | None
             peft = read_json(staged / "adapter_config.json")
             peft.update(base_model_name_or_path=info["base"], revision=info.get("base_revision"))
             write_json(staged / "adapter_config.json", peft)
+    if (staged / DISTILL_FILE).exists():
+        write_json(staged / DISTILL_FILE, public_distill_record(read_json(staged / DISTILL_FILE)))
     check_folder(staged)  # what is uploaded loads
     readme = write_card(staged, repo_id, list(metrics))
     errors = card_metadata_errors(ModelCard.load(readme), kind=folder_kind(staged))
