@@ -74,7 +74,7 @@ def test_gflash_is_the_simulator_behind_the_model_interface(gflash_model):
 
     gen = calofm.load(gflash_model, device="cpu")
     assert isinstance(gen.net, BaselineModel) and gen.geometries == {"par04_siw": 0, "ild": 2}
-    assert gen.sampling() == ("gflash", 1, 1)
+    assert gen.sampling() == ("gflash", 1, 0)
     e = np.array([5.0, 20.0, 40.0])
     showers = gen.sample(geometry="ild", energy_gev=e, phi=0.1, theta=1.5, seed=7, batch_size=8)
     # the same draws as the simulator itself with the generator of batch 0 of seed 7
@@ -93,7 +93,7 @@ def test_gflash_generates_files_with_the_cli(gflash_model, tmp_path, capsys):
     out = tmp_path / "g.h5"
     assert cli(["generate", "--model", str(gflash_model), "--geometry", "par04_siw", "--energy", "10:20",
                 "--samples", "4", "--out", str(out), "--seed", "1"]) == 0
-    assert "(gflash, 1 steps, 1 NFE)" in capsys.readouterr().out
+    assert "(gflash, 1 steps, 0 NFE)" in capsys.readouterr().out
     with h5py.File(out) as f:
         showers = f["showers"][:]
     assert showers.shape[0] == 4 and np.isfinite(showers).all() and showers.sum() > 0
@@ -182,3 +182,15 @@ def test_a_baseline_resumes_exactly(tmp_path, cache):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_baseline_gets_a_model_card_that_says_what_it_is(gflash_model):
+    from huggingface_hub import ModelCard
+
+    from calofm.hub.modelcard import card_metadata_errors, folder_kind
+
+    assert folder_kind(gflash_model) == "baseline"
+    assert cli(["card", str(gflash_model)]) == 0
+    text = (gflash_model / "README.md").read_text()
+    assert "A GFlash baseline model" in text and "CaloDiT" not in text and "steps=10" not in text
+    assert card_metadata_errors(ModelCard.load(gflash_model / "README.md"), kind="baseline") == []

@@ -33,12 +33,22 @@ MODEL_TAGS = ("calorimeter", "fast-simulation", "diffusion", "high-energy-physic
 DATASET_TAGS = ("calorimeter", "fast-simulation", "high-energy-physics", "calofm")
 RELATIONS = {"lora": "adapter", "full": "finetune"}  # kind -> base_model_relation (scratch: none)
 KINDS = {"pretrained": "pretrained model", "lora": "LoRA adapter", "full": "fine-tuned model",
-         "scratch": "model trained from scratch", "distilled": "distilled student"}
+         "scratch": "model trained from scratch", "distilled": "distilled student", "baseline": "baseline model"}
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _VARIANTS = {
     "single": "one network denoises the whole shower (cell energies / E_inc in log space), as CaloDiT-2.",
     "factorised": "an energy model samples the 45 layer energies, CaloDiT draws each layer's cells, and every "
                   "layer is rescaled to its sampled energy.",
+}
+# baseline families (calofm.models.FAMILIES): (name in the literature, what it is)
+_FAMILIES = {
+    "calodiffusion": ("CaloDiffusion", "a 3D U-Net with cylindrical convolutions trained as a DDPM with a cosine "
+                      "schedule (Amram & Pedro 2023)"),
+    "bibae": ("BIB-AE", "a conditional VAE with latent and image WGAN-GP critics and a post-processor network "
+              "(Buhmann et al. 2020)"),
+    "wgan": ("WGAN", "a conditional WGAN-GP with 3D convolutions and an energy constrainer (Buhmann et al. 2020)"),
+    "gflash": ("GFlash", "calofm's built-in parametrised (GFlash-style) shower simulator used as a generator: no "
+               "network, nothing trained"),
 }
 
 
@@ -92,8 +102,8 @@ def safetensors_parameters(path: Path) -> int:
 
 
 def folder_kind(folder: str | Path) -> str:
-    """"lora", "full", "scratch", "distilled" or "pretrained"; a ValueError for a folder that is no calofm model or
-    adapter."""
+    """"lora", "full", "scratch", "distilled", "baseline" (another model family) or "pretrained"; a ValueError
+    for a folder that is no calofm model or adapter."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder (a model card is written for a model or adapter folder)")
@@ -101,7 +111,10 @@ def folder_kind(folder: str | Path) -> str:
         return "lora"
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: not a calofm model or adapter (no config.json or adapter_config.json)")
-    if (folder / DISTILL_FILE).exists() or read_json(folder / "config.json").get("consistency_sigmas"):
+    config = read_json(folder / "config.json")
+    if config.get("model_type", "calodit") != "calodit":
+        return "baseline"
+    if (folder / DISTILL_FILE).exists() or config.get("consistency_sigmas"):
         return "distilled"
     if (folder / "calofm_adapter.json").exists():
         method = read_json(folder / "calofm_adapter.json").get("method")
@@ -114,7 +127,10 @@ def folder_kind(folder: str | Path) -> str:
 def _architecture(config: dict, parameters: int | None) -> dict:
     variant = config.get("variant", "single")
     slots = int(config.get("n_geometry_slots", 0))
-    return {"variant": variant, "variant_text": _VARIANTS.get(variant, "see the calofm documentation."),
+    family = config.get("model_type", "calodit")
+    title, text = _FAMILIES.get(family, (family, "see the calofm documentation (docs/baselines.md)"))
+    return {"family": None if family == "calodit" else family, "family_title": title, "family_text": text,
+            "variant": variant, "variant_text": _VARIANTS.get(variant, "see the calofm documentation."),
             "patch": " x ".join(str(p) for p in config.get("patch_size", ())),
             "hidden": config.get("hidden_size"), "depth": config.get("num_hidden_layers"),
             "heads": config.get("num_attention_heads"),
