@@ -194,3 +194,30 @@ def test_a_baseline_gets_a_model_card_that_says_what_it_is(gflash_model):
     text = (gflash_model / "README.md").read_text()
     assert "A GFlash baseline model" in text and "CaloDiT" not in text and "steps=10" not in text
     assert card_metadata_errors(ModelCard.load(gflash_model / "README.md"), kind="baseline") == []
+
+
+def test_two_processes_train_a_baseline_as_one_does(tmp_path, cache):
+    """`accelerate launch --num_processes 2 recipes/train.py --model wgan` follows the 1-process loss curve:
+    each process takes its rows of the same global batch and of the same keyed noise."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from calofm.training.tracking import read_metrics
+
+    def launch(procs: int):
+        out = tmp_path / f"p{procs}"
+        args = tiny_run("wgan", out, cache, "--steps=4", "--batch_size=8", "--val_every=4", "--log_every=1",
+                        "--data.stats_samples=64", f"--model.family_config={json.dumps(tiny_family_config('wgan'))}")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch",
+               *(["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"] if procs > 1
+                 else ["--num_processes", "1"]), str(ROOT / "recipes" / "train.py"), *args]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return {r["step"]: r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r}
+
+    one, two = launch(1), launch(2)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-3)
