@@ -45,7 +45,7 @@ class AdaptConfig(Validated):
     base: str = "runs/pretrain/model"  # pretrained model folder or Hub repo id
     method: Literal["lora", "full"] = "lora"
     from_scratch: bool = False  # same architecture, random initial weights (for comparison)
-    rank: int = 8
+    rank: int = 32
     alpha: float | None = None  # LoRA scaling alpha/rank; default 2 * rank
     # which Linears LoRA adapts (calofm.models.LORA_GROUPS): attention, mlp, adaln, final, embedders
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp", "adaln"])
@@ -55,7 +55,7 @@ class AdaptConfig(Validated):
     geometry_dirs: list[str] = field(default_factory=list)  # extra folders of geometry cards (--geometry-dir)
     steps: int = 400
     batch_size: int = 32
-    lr: float | None = None  # default: 2e-3 LoRA, 2e-4 full fine-tuning, 2e-3 from scratch (as pretraining)
+    lr: float | None = None  # default: 5e-3 LoRA, 2e-4 full fine-tuning, 2e-3 from scratch (as pretraining)
     warmup_steps: int = 50
     ema_decay: float = 0.99
     seed: int = 0
@@ -105,7 +105,7 @@ class AdaptConfig(Validated):
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else {"lora": 2e-3, "full": 2e-4, "scratch": 2e-3}[self.kind]
+        return self.lr if self.lr is not None else {"lora": 5e-3, "full": 2e-4, "scratch": 2e-3}[self.kind]
 
 
 def train_config(a: AdaptConfig, slot: int | None = None):

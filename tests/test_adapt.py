@@ -206,7 +206,7 @@ def test_errors_are_one_line(tmp_path, base, cache, capsys):
 
 def test_adapt_config_defaults():
     a = AdaptConfig(geometry="cld")
-    assert a.method == "lora" and a.learning_rate == 2e-3 and a.out == Path("runs/adapt_cld_lora")
+    assert a.method == "lora" and a.rank == 32 and a.learning_rate == 5e-3 and a.out == Path("runs/adapt_cld_lora")
     s = AdaptConfig(geometry="cld", from_scratch=True)
     assert s.kind == "scratch" and s.method == "full"
     with pytest.raises(ValueError):

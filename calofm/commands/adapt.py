@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training shower files of the new detector, or a Hub dataset repo ORG/NAME[@REV]")
     p.add_argument("--base", help="pretrained model folder or Hub id (default runs/pretrain/model)")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapter (default) or full fine-tuning")
-    p.add_argument("--rank", type=int_in(1, MAX_RANK), help="LoRA rank (default 8)")
+    p.add_argument("--rank", type=int_in(1, MAX_RANK), help="LoRA rank (default 32; docs/fidelity.md measures it)")
     p.add_argument("--lora-targets", nargs="+", metavar="GROUP",
                    help="LoRA target groups: attention mlp adaln final embedders (default: attention mlp adaln)")
     p.add_argument("--steps", type=int_in(1, MAX_STEPS), help="optimiser steps (default 400)")
