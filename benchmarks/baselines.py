@@ -1,6 +1,6 @@
 """Every model family on one CPU-scale task with the same wall-clock training budget: which is best?
 
-    python benchmarks/baselines.py [--budget-minutes 4] [--families calodit calodiffusion bibae wgan gflash]
+    python benchmarks/baselines.py [--budget-minutes 4] [--families calodit calodiffusion bibae wgan caloflow ...]
         [--pretrained demo_out/pretrain/model] [--eval-showers 1000] [--sample-steps calodiffusion=50]
         [--out runs/bench_baselines] [--cache DIR]
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import evaluate, reference, reset_accelerate, row, time_steps  # noqa: E402
 
 GEOMETRY = "par04_siw"
-FAMILIES = ("calodit", "calodiffusion", "bibae", "wgan", "gflash")
+FAMILIES = ("calodit", "calodiffusion", "bibae", "wgan", "caloflow", "caloclouds", "gflash")  # teachers only
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "baselines"
 
 

@@ -66,16 +66,20 @@ def step_costs(variants, cache: str, repeats: int = 3, steps: int = 12) -> dict[
 def time_steps(setups: dict, repeats: int, steps: int) -> dict[str, float]:
     """{name: seconds per optimiser step}, best of ``repeats`` interleaved rounds of ``steps`` steps of each
     (objective, model space, batch, optimiser) in ``setups``."""
+    from types import SimpleNamespace
+
+    from calofm.diffusion import EDM_DEFAULTS, edm_constant
     from calofm.training.objective import step_noise
 
     best = {name: float("inf") for name in setups}
     for _ in range(repeats):
         for name, (objective, space, batch, opt) in setups.items():
+            edm = SimpleNamespace(**{k: edm_constant(objective.net, k) for k in EDM_DEFAULTS})  # as the loop draws
             t0 = time.perf_counter()
             for k in range(steps):
                 x, cond = space.inputs(batch, "cpu")
                 width = space.profile.width if space.factorised else None
-                noise = step_noise(x.shape, width, 0, k, 0, 1, objective.net.config, 0.0, "cpu")
+                noise = step_noise(x.shape, width, 0, k, 0, 1, edm, 0.0, "cpu")
                 loss = objective(x, cond, noise).mean()
                 opt.zero_grad()
                 loss.backward()

@@ -314,3 +314,41 @@ def consistency_sample(
         if callback is not None:
             callback(k, len(sigmas), x)
     return x.to(noise.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consistency distillation (Song et al. 2023): the grid, the teacher's step and the loss
+# ----------------------------------------------------------------------------------------------
+
+MAX_GRID = 10_000
+
+
+def consistency_grid(n: int, config) -> torch.Tensor:
+    """EDM's N noise levels, ascending: sigma_min = t_1 < ... < t_N = sigma_max (float64)."""
+    if not 2 <= n <= MAX_GRID:
+        raise ValueError(f"the distillation grid needs 2 to {MAX_GRID} points, got {n}")
+    return karras_sigmas(n - 1, config.sigma_min, config.sigma_max, config.rho)[:-1].flip(0)
+
+
+def heun_step(teacher, x: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, cond: dict) -> torch.Tensor:
+    """One step of EDM's Heun solver with the teacher's denoiser from t_hi down to t_lo > 0 (per row)."""
+    shape = (-1, *([1] * (x.ndim - 1)))
+    hi, lo = t_hi.reshape(shape), t_lo.reshape(shape)
+    d_hi = (x - teacher(x, t_hi, **cond)) / hi
+    x_euler = x + (lo - hi) * d_hi
+    d_lo = (x_euler - teacher(x_euler, t_lo, **cond)) / lo
+    return x + (lo - hi) * 0.5 * (d_hi + d_lo)
+
+
+def consistency_loss(student, target, teacher, x: torch.Tensor, cond: dict, z: torch.Tensor, u: torch.Tensor,
+                     grid: torch.Tensor) -> torch.Tensor:
+    """Per-sample consistency-distillation loss (B,): ``u`` (B,) uniform in [0, 1) picks the grid step
+    n (t_{n+1} -> t_n), ``z`` ~ N(0, I) like x makes x_{n+1} = x + t_{n+1} z."""
+    grid = grid.to(device=x.device, dtype=x.dtype)
+    n = (u * (len(grid) - 1)).long().clamp(max=len(grid) - 2)  # 0 .. N-2
+    t_hi, t_lo = grid[n + 1], grid[n]
+    x_hi = x + t_hi.reshape(-1, *([1] * (x.ndim - 1))) * z
+    with torch.no_grad():
+        x_lo = heun_step(teacher, x_hi, t_hi, t_lo, cond)
+        goal = target(x_lo, t_lo, **cond)
+    return (student(x_hi, t_hi, **cond) - goal).square().flatten(1).mean(dim=1)

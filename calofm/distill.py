@@ -53,7 +53,7 @@ class DistillConfig(Validated):
     def validate(self) -> None:
         if self.student_steps not in STUDENT_STEPS:
             raise ValueError(f"student_steps must be one of {STUDENT_STEPS}, got {self.student_steps!r}")
-        from calofm.training.consistency import MAX_GRID
+        from calofm.diffusion import MAX_GRID
 
         check_int("grid", self.grid, 2, MAX_GRID)
         check_int("steps", self.steps, 1, 10**9)

@@ -17,7 +17,7 @@ CONFIGS = ROOT / "recipes" / "configs" / "baselines"
 
 
 def test_registry_lists_every_family_with_its_classes():
-    assert set(FAMILIES) == {"calodit", "calodiffusion", "bibae", "wgan", "gflash"}
+    assert set(FAMILIES) == {"calodit", "calodiffusion", "bibae", "wgan", "gflash", "caloflow", "caloclouds"}
     for name in FAMILIES:
         config_class, model_class = family_classes(name)
         assert config_class.model_type == name and model_class.config_class is config_class
@@ -140,7 +140,7 @@ def train_tiny(family: str, out, cache, *extra) -> int:
                                f"--model.family_config={options}", *extra), CONFIGS)
 
 
-@pytest.mark.parametrize("family", ["calodiffusion", "bibae", "wgan"])
+@pytest.mark.parametrize("family", ["calodiffusion", "bibae", "wgan", "caloflow", "caloclouds"])
 def test_each_family_trains_in_the_loop_and_samples_through_calofm_load(family, tmp_path, cache):
     from transformers import AutoModel
 
@@ -221,3 +221,35 @@ def test_two_processes_train_a_baseline_as_one_does(tmp_path, cache):
     one, two = launch(1), launch(2)
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-3)
+
+
+def test_caloclouds_student_distils_with_the_loops_ema_as_target(tmp_path, cache):
+    """CaloClouds II (CM): the consistency student trains in the loop from its teacher (the EMA is the target) and
+    samples with one point-network pass."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert train_tiny("caloclouds", teacher, cache) == 0
+    assert train_tiny("caloclouds", student, cache, f"--model.family_config.distill_from={teacher / 'model'}") == 0
+    t, s = calofm.load(teacher / "model", device="cpu"), calofm.load(student / "model", device="cpu")
+    assert s.sampling()[2] < t.sampling()[2]
+    showers = s.sample(geometry="ild", energy_gev=[10.0, 30.0], phi=0.0, theta=1.5, seed=0)
+    assert showers.shape == (2, 9, 16, 45) and np.isfinite(showers).all() and (showers >= 0).all()
+
+
+def test_a_student_distils_from_its_teacher_in_the_loop(tmp_path, cache):
+    """CaloFlow's two stages through recipes/train.py: the MAF teacher, then the IAF student that names it with
+    distill_from; the student starts from the teacher's weights, samples in one pass per block and saves
+    without the teacher."""
+    from safetensors.torch import load_file
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert train_tiny("caloflow", teacher, cache) == 0
+    assert train_tiny("caloflow", student, cache, "--model.family_config.stage=student",
+                      f"--model.family_config.distill_from={teacher / 'model'}") == 0
+    t, s = calofm.load(teacher / "model", device="cpu"), calofm.load(student / "model", device="cpu")
+    assert s.config.stage == "student" and s.sampling()[2] < t.sampling()[2]
+    assert load_file(student / "model" / "model.safetensors").keys() == \
+        load_file(teacher / "model" / "model.safetensors").keys()  # the teacher is not saved inside
+    showers = s.sample(geometry="par04_siw", energy_gev=[10.0, 30.0], phi=0.0, theta=1.5, seed=0)
+    assert showers.shape == (2, 9, 16, 45) and np.isfinite(showers).all() and (showers >= 0).all()
+    assert train_tiny("caloflow", tmp_path / "bad", cache, "--model.family_config.stage=student",
+                      f"--model.family_config.distill_from={tmp_path / 'missing'}") == 2

@@ -12,10 +12,9 @@ from train_helpers import reset_accelerate, run, tiny_config
 
 import calofm
 from calofm.cli import main as cli
-from calofm.diffusion import ConsistencyPrecond, consistency_sample, edm_scalings
+from calofm.diffusion import ConsistencyPrecond, consistency_grid, consistency_loss, consistency_sample, edm_scalings
 from calofm.distill import DistillConfig, distill
 from calofm.sampling import ShowerSampler, student_sigmas
-from calofm.training.consistency import consistency_grid, consistency_loss
 
 MU, S = 1.5, 0.3  # data ~ N(MU, S^2) per voxel
 

@@ -47,6 +47,11 @@ _FAMILIES = {
     "bibae": ("BIB-AE", "a conditional VAE with latent and image WGAN-GP critics and a post-processor network "
               "(Buhmann et al. 2020)"),
     "wgan": ("WGAN", "a conditional WGAN-GP with 3D convolutions and an energy constrainer (Buhmann et al. 2020)"),
+    "caloflow": ("CaloFlow", "two conditional normalising flows (layer energies; each layer's normalised cells) with "
+                 "masked autoregressive spline transforms: a MAF teacher or its IAF student (Krause & Shih 2021)"),
+    "caloclouds": ("CaloClouds II", "a point cloud of the hit cells: a per-point EDM diffusion network with a "
+                   "conditional flow for the per-layer hits and energies, or its 1-step consistency-distilled student "
+                   "(Buhmann et al. 2023)"),
     "gflash": ("GFlash", "calofm's built-in parametrised (GFlash-style) shower simulator used as a generator: no "
                "network, nothing trained"),
 }

@@ -55,6 +55,8 @@ FAMILIES = MappingProxyType({
     "bibae": "calofm.models.bibae",  # BIB-AE + post-processor (Buhmann et al. 2020)
     "wgan": "calofm.models.wgan",  # conditional WGAN-GP with 3D convolutions (Buhmann et al. 2020)
     "gflash": "calofm.models.gflash",  # the built-in parametrised simulator as a generator (no training)
+    "caloflow": "calofm.models.caloflow",  # CaloFlow: layer-energy and voxel flows, MAF teacher, IAF student
+    "caloclouds": "calofm.models.caloclouds",  # point cloud + per-point EDM + ShowerFlow (Buhmann et al. 2023)
 })
 BASELINES = tuple(name for name in FAMILIES if name != "calodit")
 

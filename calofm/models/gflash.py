@@ -62,6 +62,9 @@ class GFlashModel(BaselineModel):
         if module is self:
             nn.init.ones_(self.energy_scale)
 
+    def network_evaluations(self, steps: int | None = None) -> int:
+        return 0  # no network: the parametrised simulator
+
     def losses(self, x, cond, noise):
         raise ValueError("gflash has nothing to train (recipes/train.py --model gflash writes it directly)")
 

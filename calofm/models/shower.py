@@ -186,8 +186,13 @@ class BaselineModel(StrictLoading, PreTrainedModel):
     default_steps = 1  # sampling steps unless told otherwise; 1 for one-pass models
     generates_mev = False  # generate() returns MeV on the mesh (the parametrised simulator), not model space
 
-    def losses(self, x: torch.Tensor, cond: dict, noise: dict) -> dict[str, torch.Tensor]:
-        """Per-sample training losses {name: (B,)} of one step; the loop minimises their sum."""
+    uses_ema_target = False  # True: ``losses`` also receives ``ema`` (a target network for distillation)
+
+    def losses(self, x: torch.Tensor, cond: dict, noise: dict, ema: dict | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample training losses {name: (B,)} of one step; the loop minimises their sum. With
+        ``uses_ema_target``, ``ema`` is {parameter name: tensor} of the loop's moving average of this model's
+        trainable parameters (float32), e.g. the target network of consistency distillation through
+        ``torch.func.functional_call``; it must not be modified."""
         raise NotImplementedError
 
     def generate(self, cond: dict, generator: torch.Generator | None, steps: int | None = None,
@@ -196,6 +201,13 @@ class BaselineModel(StrictLoading, PreTrainedModel):
         drives all randomness, so a seed gives the same showers. ``geometries``: {slot: Geometry} of the
         requested rows, for a family that needs the detector description (the parametrised simulator)."""
         raise NotImplementedError
+
+    def init_training(self, teacher: BaselineModel | None = None) -> None:
+        """Called once when a training run builds the model, before the optimiser exists: ``teacher`` is the
+        trained model named by ``config.distill_from`` for a family that distils (else None). Default: a
+        teacher is refused."""
+        if teacher is not None:
+            raise ValueError(f"{self.family} does not distil from a teacher")
 
     def finish_training(self, data, space, samples: int) -> None:
         """Called once on the final (EMA) weights before the model is saved, with the training set

@@ -46,6 +46,8 @@ def baseline_setup(cfg: TrainConfig) -> Setup:
         n = cfg.data.stats_samples
         pre = fit_preprocessor(data.train, n, ShowerPreprocessor(**config_class.preprocessing_defaults))
         net = model_class(baseline_config(cfg, data.geometries, pre, cell_maxima(data.train, n, pre)))
+        teacher_path = getattr(net.config, "distill_from", None)
+        net.init_training(teacher=load_teacher(teacher_path, cfg.model.family) if teacher_path else None)
         log.info("%s: %.3fM parameters", cfg.model.family, sum(p.numel() for p in net.parameters()) / 1e6)
         space = ModelSpace.from_config(net.config)
         run.update(data=data, space=space)
@@ -56,7 +58,18 @@ def baseline_setup(cfg: TrainConfig) -> Setup:
         save_model(net, out, geometries)
 
     return Setup(build=build, save=save, kind="scratch",
-                 objective=lambda net, ema: BaselineObjective(net))
+                 objective=lambda net, ema: BaselineObjective(net, ema))
+
+
+def load_teacher(path: str, family: str):
+    """The trained model a family distils from (``config.distill_from``): a model folder or Hub id of the
+    same family, frozen."""
+    from calofm.hub.folders import load_model
+
+    teacher, _, folder = load_model(path)
+    if getattr(teacher, "family", None) != family:
+        raise ValueError(f"{path}: is a {teacher.config.model_type} model, not a {family} teacher")
+    return teacher.eval().requires_grad_(False)
 
 
 def write_untrained(cfg: TrainConfig) -> Path:

@@ -72,12 +72,14 @@ class BaselineObjective(nn.Module):
     """The training loss of a baseline family (``calofm.models.BaselineModel``): the sum of its per-sample
     losses, from the same per-step noise as CaloDiT's (``step_noise``)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, ema=None):
         super().__init__()
         self.net = net
+        self.ema = ema  # the loop's EMA (calofm.ema.EMA): a family's target network (``uses_ema_target``)
 
     def forward(self, x: torch.Tensor, cond: dict, noise: dict) -> torch.Tensor:
-        return sum(self.net.losses(x, cond, noise).values())
+        kw = {"ema": self.ema.shadow} if getattr(self.net, "uses_ema_target", False) else {}
+        return sum(self.net.losses(x, cond, noise, **kw).values())
 
     def parts(self, x: torch.Tensor, cond: dict, noise: dict) -> dict[str, torch.Tensor]:
         """{"shower": (B,)}: the whole loss, for validation. Gradients stay on (a gradient penalty needs them)."""
