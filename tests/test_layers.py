@@ -13,7 +13,7 @@ FLOORS = [  # (floor, module prefixes), bottom to top
     (0, ("calofm.config", "calofm.materials", "calofm.geometry", "calofm.cards", "calofm.autoregister")),
     (1, ("calofm.data",)),
     (2, ("calofm.sim",)),
-    (3, ("calofm.models", "calofm.diffusion", "calofm.preprocess", "calofm.ema", "calofm.sampling")),
+    (3, ("calofm.models", "calofm.diffusion", "calofm.preprocess", "calofm.profile", "calofm.ema", "calofm.sampling")),
     (4, ("calofm.hub",)),
     # sharing sits with evaluation: model cards quote evaluation results and training records
     (5, ("calofm.training", "calofm.adapt", "calofm.distill", "calofm.export", "calofm.generate", "calofm.evaluation",
