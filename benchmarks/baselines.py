@@ -48,6 +48,7 @@ def step_costs(families, cache: str, repeats: int = 3, steps: int = 6) -> dict[s
     """Seconds per optimiser step of each trainable family at its recipe's batch size on the task's data."""
     import torch
 
+    from calofm.ema import EMA
     from calofm.training.baselines import baseline_setup
     from calofm.training.data import prepare_data
     from calofm.training.objective import DiffusionObjective
@@ -63,7 +64,7 @@ def step_costs(families, cache: str, repeats: int = 3, steps: int = 6) -> dict[s
         else:
             setup = baseline_setup(cfg)
             net, space = setup.build(data)
-            objective = setup.make_objective(net, None)
+            objective = setup.make_objective(net, EMA(net, 0.999))  # a distilling family reads the EMA
         batch = data.train.__getitems__([(17 * i) % len(data.train) for i in range(cfg.batch_size)])
         batch = {k: torch.as_tensor(b) for k, b in batch.items()}
         setups[family] = (objective.train(), space, batch, torch.optim.AdamW(net.parameters(), 1e-4))
