@@ -136,8 +136,7 @@ class ShowerGenerator:
         """The whole sampler for ``geometry`` as one module (``calofm.sampling.ShowerSampler``, or for a baseline
         family ``BaselineSampler``) on the device."""
         if self.baseline:
-            if sampler not in (None, self.net.family):
-                raise ValueError(f"a {self.net.family} model samples with its own sampler: --sampler does not apply")
+            self.sampling(sampler, steps)  # the same checks as for the command line
             geometries = {self.slot(geometry): self.geometry(geometry)} if self.net.generates_mev else None
             return BaselineSampler(self.net, self.config, steps=steps, cell_cap=cell_cap, geometries=geometries,
                                    thresholds={geometry: self.threshold(geometry)}).to(self.device)

@@ -9,6 +9,7 @@ from train_helpers import ROOT, SOURCES, reset_accelerate
 import calofm
 from calofm.cli import main as cli
 from calofm.commands.train import main as train_main
+from calofm.commands.train import parse
 from calofm.config import ConfigError, from_dict
 from calofm.models import FAMILIES, BaselineModel, family_classes
 from calofm.training.config import TrainConfig
@@ -28,7 +29,7 @@ def test_registry_lists_every_family_with_its_classes():
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "calodit"])
 def test_every_baseline_has_a_recipe_that_builds(name):
-    cfg = train_main.__globals__["parse"](["--model", name, "--output_dir", "runs/x"], CONFIGS)
+    cfg = parse(["--model", name, "--output_dir", "runs/x"], CONFIGS)
     assert cfg.model.family == name
     family_classes(name)[0](**cfg.model.family_config)  # the recipe's family_config is a valid config
 
