@@ -9,8 +9,10 @@ Each trainable family is trained from scratch with ``recipes/train.py``'s code f
 seconds: its step count is the budget divided by its own cost per training step, measured in this process
 (families interleaved, best of 3 rounds, so a busy machine slows every family alike). CaloDiT is trained
 twice: from scratch like the others, and as the demo's pretrained model (Par04 Si-W, ODD and ILD)
-fine-tuned on Par04 Si-W with the same budget (``--pretrained``). GFlash is the simulator that made the
-data: its row is the reference against itself, with its own speed.
+fine-tuned on Par04 Si-W with the same budget (``--pretrained``). A family with a distilled student
+(CaloFlow's IAF, CaloClouds' consistency model) gets a second stage after its teacher: the student, distilled
+from that teacher for the same budget again (its own step cost, measured once the teacher exists). GFlash is the
+simulator that made the data: its row is the reference against itself, with its own speed.
 
 Then every model generates showers with the conditions of ``--eval-showers`` held-out simulated ones
 (``--like``) and ``calofm evaluate`` scores them. Columns: parameters, training seconds and steps, ms/shower
@@ -31,23 +33,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import evaluate, reference, reset_accelerate, row, time_steps  # noqa: E402
 
 GEOMETRY = "par04_siw"
-FAMILIES = ("calodit", "calodiffusion", "bibae", "wgan", "caloflow", "caloclouds", "gflash")  # teachers only
+FAMILIES = ("calodit", "calodiffusion", "bibae", "wgan", "caloflow", "caloclouds", "gflash")
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "baselines"
+STUDENTS = {  # family -> its recipe's overrides for the distilled student of the teacher in a model folder
+    "caloflow": lambda teacher: ["--model.family_config.stage=student",
+                                 f"--model.family_config.distill_from={teacher}"],
+    "caloclouds": lambda teacher: [f"--model.family_config.distill_from={teacher}"],
+}
 
 
-def train_config(family: str, out: Path, cache: str, steps: int | None = None):
-    """The family's recipe on the common task (one source: Par04 Si-W, the demo's data)."""
-    from calofm.commands.train import parse
-
-    args = ["--model", family, "--output_dir", str(out), "--data.cache_dir", cache, "--tensorboard", "false",
-            f"--data.sources=[{{geometry: {GEOMETRY}}}]"]
-    return parse(args + (["--steps", str(steps)] if steps else []), CONFIGS)
+def recipe_args(family: str, out: Path, cache: str, extra=()) -> list[str]:
+    """Command line of the family's recipe on the common task (one source: Par04 Si-W, the demo's data)."""
+    return ["--model", family, "--output_dir", str(out), "--data.cache_dir", cache, "--tensorboard", "false",
+            f"--data.sources=[{{geometry: {GEOMETRY}}}]", *extra]
 
 
-def step_costs(families, cache: str, repeats: int = 3, steps: int = 6) -> dict[str, float]:
-    """Seconds per optimiser step of each trainable family at its recipe's batch size on the task's data."""
+def step_costs(stages: dict, cache: str, repeats: int = 3, steps: int = 6) -> dict[str, float]:
+    """Seconds per optimiser step of each trainable stage {name: (family, recipe overrides)} at its recipe's
+    batch size on the task's data."""
     import torch
 
+    from calofm.commands.train import parse
     from calofm.ema import EMA
     from calofm.training.baselines import baseline_setup
     from calofm.training.data import prepare_data
@@ -55,8 +61,8 @@ def step_costs(families, cache: str, repeats: int = 3, steps: int = 6) -> dict[s
     from calofm.training.pretrain import build_pretrain_model
 
     setups = {}
-    for family in families:
-        cfg = train_config(family, Path("unused"), cache)
+    for name, (family, extra) in stages.items():
+        cfg = parse(recipe_args(family, Path("unused"), cache, extra), CONFIGS)
         data = prepare_data(cfg.data, progress=False)
         if family == "calodit":
             net, space = build_pretrain_model(cfg)(data)
@@ -67,21 +73,31 @@ def step_costs(families, cache: str, repeats: int = 3, steps: int = 6) -> dict[s
             objective = setup.make_objective(net, EMA(net, 0.999))  # a distilling family reads the EMA
         batch = data.train.__getitems__([(17 * i) % len(data.train) for i in range(cfg.batch_size)])
         batch = {k: torch.as_tensor(b) for k, b in batch.items()}
-        setups[family] = (objective.train(), space, batch, torch.optim.AdamW(net.parameters(), 1e-4))
+        setups[name] = (objective.train(), space, batch, torch.optim.AdamW(net.parameters(), 1e-4))
     return time_steps(setups, repeats, steps)
 
 
-def train(family: str, steps: int, out: Path, cache: str) -> tuple[Path, float]:
-    """(model folder, training seconds) of the family trained from scratch for ``steps``."""
+def measured_costs(stages: dict, cache: str, out: Path) -> dict[str, float]:
+    """Step costs of ``stages`` (see step_costs), measured once and kept in <out>/step_costs.json."""
+    cost_file = out / "step_costs.json"
+    costs = json.loads(cost_file.read_text()) if cost_file.exists() else {}
+    missing = {name: stage for name, stage in stages.items() if name not in costs}
+    if missing:
+        costs.update(step_costs(missing, cache))
+        out.mkdir(parents=True, exist_ok=True)
+        cost_file.write_text(json.dumps(costs))
+    return costs
+
+
+def train(family: str, steps: int, out: Path, cache: str, extra=()) -> tuple[Path, float]:
+    """(model folder, training seconds) of the family's recipe (with overrides ``extra``) run for ``steps``."""
     from calofm.commands.train import main
 
     final, record = out / "model", out / "bench.json"
     if not final.exists():
         reset_accelerate()
         t0 = time.perf_counter()
-        args = ["--model", family, "--output_dir", str(out), "--data.cache_dir", cache, "--tensorboard", "false",
-                f"--data.sources=[{{geometry: {GEOMETRY}}}]", "--steps", str(steps)]
-        if main(args, CONFIGS):
+        if main(recipe_args(family, out, cache, [*extra, "--steps", str(steps)]), CONFIGS):
             raise SystemExit(f"training {family} failed")
         record.write_text(json.dumps({"train_s": time.perf_counter() - t0}))
     return final, json.loads(record.read_text())["train_s"]
@@ -156,25 +172,18 @@ def main() -> None:
     ap.add_argument("--pretrained", help="pretrained CaloDiT to fine-tune on the task (e.g. demo_out/pretrain/model)")
     ap.add_argument("--eval-showers", type=int, default=1000)
     ap.add_argument("--sample-steps", nargs="*", default=[], metavar="FAMILY=N",
-                    help="sampling steps per family (default: each model's own)")
+                    help="sampling steps per row: a family or <family>_student (default: each model's own)")
     ap.add_argument("--out", default="runs/bench_baselines")
     ap.add_argument("--cache", default=None, help="simulated data cache (default: <out>/cache)")
     args = ap.parse_args()
     out = Path(args.out)
     cache = args.cache or str(out / "cache")
     sample_steps = {k: int(v) for k, v in (s.split("=") for s in args.sample_steps)}
-    trainable = [f for f in args.families if f != "gflash"]
-    cost_file = out / "step_costs.json"
-    costs = json.loads(cost_file.read_text()) if cost_file.exists() else {}
-    missing = [f for f in trainable if f not in costs]
-    if missing:
-        costs.update(step_costs(missing, cache))
-        out.mkdir(parents=True, exist_ok=True)
-        cost_file.write_text(json.dumps(costs))
+    costs = measured_costs({f: (f, ()) for f in args.families if f != "gflash"}, cache, out)
     print("seconds per training step: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()), flush=True)
     budget = 60.0 * args.budget_minutes
     ref = reference(GEOMETRY, args.eval_showers, out)
-    runs = []  # (row name, family, model folder, training seconds, steps)
+    runs = []  # (row name, folder tag, model folder, training seconds, steps)
     for family in args.families:
         steps = max(1, round(budget / costs[family])) if family in costs else 0
         print(f"\n=== {family}: {steps} steps ===", flush=True)
@@ -186,16 +195,22 @@ def main() -> None:
         runs.append((f"{family} (scratch)", family, model, seconds, steps))
         if family == "calodit" and args.pretrained:
             model, seconds = fine_tune(Path(args.pretrained), steps, out / "calodit_pretrained", cache)
-            runs.append(("calodit (pretrained+full)", family, model, seconds, steps))
+            runs.append(("calodit (pretrained+full)", "calodit_pretrained", model, seconds, steps))
+        if family in STUDENTS:  # distilled from the teacher just trained, for the same budget again
+            tag, extra = f"{family}_student", STUDENTS[family](model)
+            cost = measured_costs({tag: (family, extra)}, cache, out)[tag]
+            steps = max(1, round(budget / cost))
+            print(f"\n=== {tag}: {steps} steps at {cost:.3f} s ===", flush=True)
+            model, seconds = train(family, steps, out / tag, cache, extra)
+            runs.append((f"{family} (student)", tag, model, seconds, steps))
     rows = []
-    for name, family, model, seconds, steps in runs:
-        tag = name.split()[0] + ("_pretrained" if "pretrained" in name else "")
-        gen = generate(model, ref, out / tag / "generated", sample_steps.get(family))
+    for name, tag, model, seconds, steps in runs:
+        gen = generate(model, ref, out / tag / "generated", sample_steps.get(tag))
         report = evaluate(ref, gen, out / tag / "evaluation")
-        rows.append({"name": name, "family": family, "model": str(model), "train_s": seconds, "steps": steps,
+        rows.append({"name": name, "tag": tag, "model": str(model), "train_s": seconds, "steps": steps,
                      "params": parameters(model), **row(report, GEOMETRY)})
     for r in rows:  # timing last, one model after another, nothing training beside it
-        r["ms"], r["nfe"] = ms_per_shower(Path(r["model"]), sample_steps.get(r["family"]))
+        r["ms"], r["nfe"] = ms_per_shower(Path(r["model"]), sample_steps.get(r["tag"]))
     (out / "baselines.json").write_text(json.dumps(rows, indent=1))
     print("\n" + table(rows))
 
