@@ -197,6 +197,14 @@ def test_a_baseline_gets_a_model_card_that_says_what_it_is(gflash_model):
     assert card_metadata_errors(ModelCard.load(gflash_model / "README.md"), kind="baseline") == []
 
 
+def test_every_baseline_family_says_what_it_is_for_its_card():
+    from calofm.models import BASELINES, family_classes
+
+    for name in BASELINES:
+        model_class = family_classes(name)[1]
+        assert model_class.family == name and model_class.title and len(model_class.summary) > 40, name
+
+
 def test_two_processes_train_a_baseline_as_one_does(tmp_path, cache):
     """`accelerate launch --num_processes 2 recipes/train.py --model wgan` follows the 1-process loss curve:
     each process takes its rows of the same global batch and of the same keyed noise."""

@@ -25,6 +25,7 @@ from calofm.geometry import MESH_SHAPE
 from calofm.hub.folders import DISTILL_FILE
 from calofm.hub.loading import is_adapter
 from calofm.hub.resolve import is_repo_id, split_revision
+from calofm.models import BASELINES, family_classes
 
 TEMPLATES = Path(__file__).parent / "templates"
 LICENSE = "apache-2.0"
@@ -39,21 +40,6 @@ _VARIANTS = {
     "single": "one network denoises the whole shower (cell energies / E_inc in log space), as CaloDiT-2.",
     "factorised": "an energy model samples the 45 layer energies, CaloDiT draws each layer's cells, and every "
                   "layer is rescaled to its sampled energy.",
-}
-# baseline families (calofm.models.FAMILIES): (name in the literature, what it is)
-_FAMILIES = {
-    "calodiffusion": ("CaloDiffusion", "a 3D U-Net with cylindrical convolutions trained as a DDPM with a cosine "
-                      "schedule (Amram & Pedro 2023)"),
-    "bibae": ("BIB-AE", "a conditional VAE with latent and image WGAN-GP critics and a post-processor network "
-              "(Buhmann et al. 2020)"),
-    "wgan": ("WGAN", "a conditional WGAN-GP with 3D convolutions and an energy constrainer (Buhmann et al. 2020)"),
-    "caloflow": ("CaloFlow", "two conditional normalising flows (layer energies; each layer's normalised cells) with "
-                 "masked autoregressive spline transforms: a MAF teacher or its IAF student (Krause & Shih 2021)"),
-    "caloclouds": ("CaloClouds II", "a point cloud of the hit cells: a per-point EDM diffusion network with a "
-                   "conditional flow for the per-layer hits and energies, or its 1-step consistency-distilled student "
-                   "(Buhmann et al. 2023)"),
-    "gflash": ("GFlash", "calofm's built-in parametrised (GFlash-style) shower simulator used as a generator: no "
-               "network, nothing trained"),
 }
 
 
@@ -133,7 +119,10 @@ def _architecture(config: dict, parameters: int | None) -> dict:
     variant = config.get("variant", "single")
     slots = int(config.get("n_geometry_slots", 0))
     family = config.get("model_type", "calodit")
-    title, text = _FAMILIES.get(family, (family, "see the calofm documentation (docs/baselines.md)"))
+    title, text = family, "see the calofm documentation (docs/baselines.md)"
+    if family in BASELINES:
+        model_class = family_classes(family)[1]
+        title, text = model_class.title, model_class.summary
     return {"family": None if family == "calodit" else family, "family_title": title, "family_text": text,
             "variant": variant, "variant_text": _VARIANTS.get(variant, "see the calofm documentation."),
             "patch": " x ".join(str(p) for p in config.get("patch_size", ())),

@@ -155,6 +155,9 @@ class BIBAEModel(BaselineModel):
 
     config_class = BIBAEConfig
     family = "bibae"
+    title = "BIB-AE"  # name in the literature (model cards)
+    summary = ("a conditional VAE with latent and image WGAN-GP critics and a post-processor network (Buhmann et al. "
+               "2020)")
     default_steps = 1
     base_model_prefix = "bibae"
 

@@ -204,6 +204,9 @@ class CaloCloudsModel(BaselineModel):
     config_class = CaloCloudsConfig
     base_model_prefix = "caloclouds"
     family = "caloclouds"
+    title = "CaloClouds II"  # name in the literature (model cards)
+    summary = ("a point cloud of the hit cells: a per-point EDM diffusion network with a conditional flow for the "
+               "per-layer hits and energies, or its 1-step consistency-distilled student (Buhmann et al. 2023)")
     default_steps = 13  # the config's sample_steps, 1 for a student (set per instance)
     uses_ema_target = True  # the student's target network is the loop's EMA
 

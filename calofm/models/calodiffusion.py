@@ -113,6 +113,9 @@ class CaloDiffusionModel(BaselineModel):
     config_class = CaloDiffusionConfig
     base_model_prefix = "calodiffusion"
     family = "calodiffusion"
+    title = "CaloDiffusion"  # name in the literature (model cards)
+    summary = ("a 3D U-Net with cylindrical convolutions trained as a DDPM with a cosine schedule (Amram & Pedro "
+               "2023)")
     default_steps = 400  # the config's num_timesteps (set per instance)
 
     def __init__(self, config: CaloDiffusionConfig):

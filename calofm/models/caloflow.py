@@ -146,6 +146,9 @@ class CaloFlowModel(BaselineModel):
 
     config_class = CaloFlowConfig
     family = "caloflow"
+    title = "CaloFlow"  # name in the literature (model cards)
+    summary = ("two conditional normalising flows (layer energies; each layer's normalised cells) with masked "
+               "autoregressive spline transforms: a MAF teacher or its IAF student (Krause & Shih 2021)")
     default_steps = 1
     base_model_prefix = "caloflow"
     _teacher = None  # the frozen teacher of a student in training (init_training): never registered or saved

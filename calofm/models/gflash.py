@@ -48,6 +48,9 @@ class GFlashModel(BaselineModel):
     config_class = GFlashConfig
     base_model_prefix = "gflash"
     family = "gflash"
+    title = "GFlash"  # name in the literature (model cards)
+    summary = ("calofm's built-in parametrised (GFlash-style) shower simulator used as a generator: no network, "
+               "nothing trained")
     trainable = False
     generates_mev = True
 

@@ -183,6 +183,8 @@ class BaselineModel(StrictLoading, PreTrainedModel):
     main_input_name = "x"
     trainable = True  # False: nothing to train (recipes/train.py writes the model folder straight away)
     family = ""  # registry name (calofm.models.FAMILIES)
+    title = ""  # the family's name in the literature
+    summary = ""  # what it is, one sentence for model cards
     default_steps = 1  # sampling steps unless told otherwise; 1 for one-pass models
     generates_mev = False  # generate() returns MeV on the mesh (the parametrised simulator), not model space
 

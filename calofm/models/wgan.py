@@ -257,6 +257,8 @@ class WGANModel(BaselineModel):
 
     config_class = WGANConfig
     family = "wgan"
+    title = "WGAN"  # name in the literature (model cards)
+    summary = ("a conditional WGAN-GP with 3D convolutions and an energy constrainer (Buhmann et al. 2020)")
     default_steps = 1
     base_model_prefix = "wgan"
 
