@@ -101,7 +101,7 @@ def distil(teacher: Path, out: Path, **kw) -> Path | None:
     reset_accelerate()
     args = dict(model=str(teacher), output_dir=str(out), steps=50, lr=2e-3, samples=96, val_samples=16,
                 cache_dir=str(teacher.parent.parent / "cache"), num_workers=0, val_every=50, log_every=5,
-                batch_size=16, warmup_steps=2)
+                batch_size=16, warmup_steps=2, student_steps=1)
     return distill(DistillConfig(**{**args, **kw}))
 
 

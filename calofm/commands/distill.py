@@ -17,12 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the teacher: a pretrained, fully fine-tuned or merged model folder, or a Hub id")
     p.add_argument("--out", required=True, help="run folder; the student lands in <out>/model")
     p.add_argument("--student-steps", type=int, choices=STUDENT_STEPS,
-                   help="network evaluations per shower of the student (default 1)")
-    p.add_argument("--steps", type=int_in(1, 10**9), help="optimiser steps (default 1000)")
+                   help="network evaluations per shower of the student (default 2)")
+    p.add_argument("--steps", type=int_in(1, 10**9), help="optimiser steps (default 2000)")
     p.add_argument("--grid", type=int_in(2, 10_000), help="points of the teacher's noise grid (default 18)")
     p.add_argument("--samples", type=parse_count, help="simulated training showers per geometry (default 6000)")
     p.add_argument("--batch-size", type=int_in(1, 10**6))
-    p.add_argument("--lr", type=float_in(0.0, 1.0, low_open=True), help="learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float_in(0.0, 1.0, low_open=True), help="learning rate (default 4e-4)")
     p.add_argument("--ema-decay", type=float_in(0.0, 1.0, high_open=True),
                    help="decay of the target network, which is also the saved student (default 0.99)")
     p.add_argument("--seed", type=int_in(0, TRAIN_SEED_MAX))
