@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def _no_user_geometry_dir(monkeypatch):
     """Tests see only the built-in geometry cards, whatever $CALOFM_GEOMETRY_DIR the developer has set."""
     monkeypatch.delenv(GEOMETRY_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_enabled():
+    """Ctrl-C behaves as in a terminal, also when the suite runs as a background job (SIGINT inherited as
+    ignored, where calofm rightly leaves it alone): the interrupt tests raise a real SIGINT."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        yield
 
 
 def random_showers(n: int, seed: int = 0, occupancy: float = 0.2) -> dict[str, np.ndarray]:
