@@ -47,7 +47,7 @@ def test_both_parts_learn_and_the_model_round_trips(base):
     for (k, a), (_, b) in zip(model.state_dict().items(), auto.state_dict().items()):
         assert torch.equal(a, b), k
     cfg = model.config
-    assert cfg.preprocessing["mode"] == "fraction" and cfg.preprocessing["noise_cut"] == 1.0
+    assert cfg.preprocessing["mode"] == "fraction" and cfg.preprocessing["noise_cut"] == 0.75
     assert cfg.geometry_cell_max == {}
     assert set(cfg.profile_preprocessing["stats"]) == {"par04_siw", "ild"}
     assert {n: e["slot"] for n, e in cfg.profile_preprocessing["stats"].items()} == cfg.geometry_slots
@@ -176,7 +176,7 @@ def test_training_default_is_the_factorised_variant():
     from calofm.training.config import TrainConfig
 
     cfg = TrainConfig()
-    # mode and noise cut are resolved per variant at fit time (fraction; noise cut 1 factorised, 2 single)
+    # mode and noise cut are resolved per variant at fit time (fraction; noise cut 0.75 factorised, 2 single)
     assert cfg.model.variant == "factorised" and cfg.preprocess.mode is None and cfg.preprocess.floor is None
     assert cfg.preprocess.noise_cut is None
 

@@ -128,7 +128,7 @@ class PreprocessConfig(Validated):
     # right hit counts but too-broad high-energy showers, docs/fidelity.md)
     mode: Literal["fraction", "absolute", "layer"] | None = None
     eps: float | None = None  # default 1e-6 (fraction, layer) or 1e-3 MeV (absolute)
-    # generated cells below noise_cut * eps * unit are set to 0; default 1 (factorised) or 2 (single), measured:
+    # generated cells below noise_cut * eps * unit are set to 0; default 0.75 (factorised) or 2 (single), measured:
     # docs/fidelity.md and docs/pretraining.md
     noise_cut: float | None = None
     # empty-cell floor as a fraction of the readout threshold (instead of eps x unit); default none: a floor

@@ -43,7 +43,7 @@ def build_pretrain_model(cfg: TrainConfig) -> callable:
             return net, ModelSpace.from_config(net.config)
         p = cfg.preprocess
         factorised = m.variant == "factorised"
-        noise_cut = p.noise_cut if p.noise_cut is not None else (1.0 if factorised else 2.0)
+        noise_cut = p.noise_cut if p.noise_cut is not None else (0.75 if factorised else 2.0)
         mode = p.mode or "fraction"  # both variants: the factorised one then rescales each layer (docs/fidelity.md)
         pre = fit_preprocessor(data.train, stats_n, ShowerPreprocessor(mode=mode, eps=p.eps, noise_cut=noise_cut,
                                                                        floor=p.floor))
