@@ -87,6 +87,7 @@ class ShowerGenerator:
         self, *legacy, geometry: str | None = None, energy_gev=None, energy_mev=None, phi=None, theta=None,
         steps: int | None = None, sampler: str | None = None, batch_size: int = 256, seed: int | None = None,
         progress: bool = False, precision: str = "fp32", cell_cap: bool = True, energy=None,
+        noise_cut: float | None = None,
     ) -> np.ndarray:
         """Showers (N, 9, 16, 45) in MeV. Keywords only: ``geometry``, the incident energy as ``energy_gev``
         (GeV) or ``energy_mev`` (MeV, as in shower files: ``energy_mev=f["incident_energy"]``), ``phi`` and
@@ -96,6 +97,8 @@ class ShowerGenerator:
         steps); ``sampler`` is one of ``calofm.sampling.SAMPLERS``.
         ``cell_cap``: no cell exceeds the largest cell (as a fraction of E_inc) of the geometry's training
         data, where the model records it; always, no cell exceeds the incident energy.
+        ``noise_cut`` replaces the model's stored noise cut for this call (docs/fidelity.md: lower keeps more
+        faint cells; the factorised variant's layer energies do not change).
         """
         if legacy or energy is not None:
             raise TypeError("ShowerGenerator.sample takes keywords only, with the energy unit in the name: "
@@ -106,7 +109,7 @@ class ShowerGenerator:
                            dtype=np.float64)
         e, ph, th = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (e_gev, phi, theta)))
         check_sampling(steps=steps, batch_size=batch_size, sampler=sampler, seed=seed)
-        runner = self.runner(geometry, sampler=sampler, steps=steps, cell_cap=cell_cap)
+        runner = self.runner(geometry, sampler=sampler, steps=steps, cell_cap=cell_cap, noise_cut=noise_cut)
         self._check_energies(e, geometry, "energy_mev" if energy_mev is not None else "energy_gev")
         from tqdm.auto import tqdm
 
@@ -132,16 +135,16 @@ class ShowerGenerator:
         return sampler, steps, network_evaluations(sampler, steps)
 
     def runner(self, geometry: str, sampler: str | None = None, steps: int | None = None,
-               cell_cap: bool = True) -> ShowerSampler:
+               cell_cap: bool = True, noise_cut: float | None = None) -> ShowerSampler:
         """The whole sampler for ``geometry`` as one module (``calofm.sampling.ShowerSampler``, or for a baseline
         family ``BaselineSampler``) on the device."""
         if self.baseline:
             self.sampling(sampler, steps)  # the same checks as for the command line
             geometries = {self.slot(geometry): self.geometry(geometry)} if self.net.generates_mev else None
             return BaselineSampler(self.net, self.config, steps=steps, cell_cap=cell_cap, geometries=geometries,
-                                   thresholds={geometry: self.threshold(geometry)}).to(self.device)
+                                   thresholds={geometry: self.threshold(geometry)}, noise_cut=noise_cut).to(self.device)
         return ShowerSampler(self.net, self.config, sampler=sampler, steps=steps, cell_cap=cell_cap,
-                             thresholds={geometry: self.threshold(geometry)}).to(self.device)
+                             thresholds={geometry: self.threshold(geometry)}, noise_cut=noise_cut).to(self.device)
 
     def _check_energies(self, e_gev: np.ndarray, geometry: str, keyword: str) -> None:
         """Refuse non-positive or non-finite energies; warn when they are far outside any plausible range."""

@@ -229,6 +229,13 @@ def test_generation(tmp_path, cache):
     with ShowerFile(uncapped) as f:
         assert not f.attrs.extra["gen_cell_cap"]
     assert (read_showers(uncapped)["showers"] >= s).all()  # the same noise, only the cap differs
+    cut = tmp_path / "cut.h5"
+    assert cli([*args[:-6], "--out", str(cut), "--seed", "5", "--batch-size", "16", "--noise-cut", "0.5"]) == 0
+    with ShowerFile(cut) as f, ShowerFile(out) as default:
+        assert f.attrs.extra["gen_noise_cut"] == 0.5 and "gen_noise_cut" not in default.attrs.extra
+    with pytest.raises(SystemExit, match="2"):  # a one-line argparse error before anything is written
+        cli([*args[:-6], "--out", str(tmp_path / "bad.h5"), "--noise-cut", "-1"])
+    assert not (tmp_path / "bad.h5").exists()
     # deterministic under the seed
     out2 = tmp_path / "gen2.h5"
     assert cli([*args[:-6], "--out", str(out2), "--seed", "5", "--batch-size", "16"]) == 0
@@ -273,6 +280,11 @@ def test_generation(tmp_path, cache):
     capped = g.sample(energy_gev=e, seed=3, **kw).reshape(3, -1).max(1) / (e * 1e3)
     free = g.sample(energy_gev=e, seed=3, cell_cap=False, **kw).reshape(3, -1).max(1) / (e * 1e3)
     assert capped.max() <= 0.5 * frac.max() * (1 + 1e-5) < free.max()
+    # the noise cut can be replaced per call: a lower one keeps more faint cells, a huge one removes most
+    hits = {c: int((g.sample(energy_gev=e, seed=3, noise_cut=c, **kw) > 0).sum()) for c in (0.0, None, 1e3)}
+    assert hits[0.0] >= hits[None] >= hits[1e3] and hits[0.0] > hits[1e3], hits
+    with pytest.raises(ValueError, match="noise_cut"):
+        g.sample(energy_gev=20.0, noise_cut=-1.0, **kw)
     # --like takes conditions from a file of the same geometry only
     assert cli(["generate", "--model", str(final), "--geometry", "par04_siw", "--like", str(ref), "--steps", "1",
                 "--out", str(tmp_path / "y.h5")]) == 2

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from calofm.cards import card_attrs
-from calofm.commands.args import SEED, add_geometry_dir, int_in, parse_count, parse_range, torch_device
+from calofm.commands.args import SEED, add_geometry_dir, float_in, int_in, parse_count, parse_range, torch_device
 from calofm.generate import MAX_BATCH, MAX_STEPS, ShowerGenerator, load
-from calofm.sampling import SAMPLERS
+from calofm.sampling import MAX_NOISE_CUT, SAMPLERS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network precision (autocast)")
     p.add_argument("--no-cell-cap", dest="cell_cap", action="store_false",
                    help="do not cap cells at the brightest cell (fraction of E_inc) of the training data")
+    p.add_argument("--noise-cut", type=float_in(0.0, MAX_NOISE_CUT),
+                   help="cells below NOISE_CUT x eps x E_inc -> 0, instead of the model's stored cut "
+                        "(docs/fidelity.md: 0.5 keeps more of Par04 Si-W's and ODD's faint hits)")
     p.add_argument("--overwrite", action="store_true")
     add_geometry_dir(p)
 
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     attrs = FileAttrs(geometry=geometry.name, particle=geometry.card.particle, mesh_dr=geometry.mesh.dr,
                       mesh_dz=geometry.mesh.dz, generator=f"calofm-generate:{args.model}", seed=args.seed,
                       extra={"gen_steps": args.steps, "gen_sampler": args.sampler, "gen_cell_cap": args.cell_cap,
+                             **({"gen_noise_cut": args.noise_cut} if args.noise_cut is not None else {}),
                              **card_attrs(geometry, always=True)})
     # written into a temporary folder beside the output and moved into place when complete: an error or Ctrl-C
     # leaves no partial file and no folder this run created, and an existing output as it was
@@ -132,7 +136,8 @@ def write(gen: ShowerGenerator, geometry, cond: dict, out: Path, attrs, args) ->
     from calofm.data.io import ShowerWriter
 
     n = len(cond["incident_energy"])
-    runner = gen.runner(geometry.name, sampler=args.sampler, steps=args.steps, cell_cap=args.cell_cap)
+    runner = gen.runner(geometry.name, sampler=args.sampler, steps=args.steps, cell_cap=args.cell_cap,
+                        noise_cut=args.noise_cut)
     bar = tqdm(total=n, unit="shower", desc=f"generate {geometry.name}")
     try:
         with ShowerWriter(out, attrs=attrs, compression="gzip") as w:
