@@ -256,7 +256,8 @@ class ModelSpace:
         self._table: dict = {}
 
     @classmethod
-    def from_config(cls, config) -> ModelSpace:
+    def from_config(cls, config, noise_cut: float | None = None) -> ModelSpace:
+        """``noise_cut`` replaces the stored one (``calofm generate --noise-cut``); checked like any state."""
         if not config.preprocessing:
             raise ValueError("model config has no preprocessing statistics (was it trained with calofm?)")
         profile = None
@@ -266,7 +267,8 @@ class ModelSpace:
             profile = ProfilePreprocessor.from_dict(config.profile_preprocessing)
         thresholds = {config.geometry_slots[g]: t for g, t in config.geometry_thresholds.items()
                       if g in config.geometry_slots}
-        return cls(ShowerPreprocessor.from_dict(config.preprocessing), profile, thresholds)
+        state = {**config.preprocessing, **({} if noise_cut is None else {"noise_cut": noise_cut})}
+        return cls(ShowerPreprocessor.from_dict(state), profile, thresholds)
 
     def threshold(self, slots: torch.Tensor) -> torch.Tensor | None:
         """Readout threshold (MeV) per row for geometry slots (B,), on their device (None without a floor)."""

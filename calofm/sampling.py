@@ -26,7 +26,6 @@ from calofm.diffusion import (
 from calofm.preprocess import ModelSpace
 
 SAMPLERS = ("heun", "euler", "dpmpp_2m", "consistency")
-MAX_NOISE_CUT = 1e6  # in units of eps x E_inc: 1e6 eps = E_inc, which removes every cell
 SOLVERS = {"heun": heun_sample, "euler": euler_sample, "dpmpp_2m": dpmpp_2m_sample}
 TEACHER_DEFAULT = ("heun", 32)  # CaloDiT-2's sampler
 
@@ -77,15 +76,6 @@ def slot_table(config, values: dict[str, float], fill: float) -> torch.Tensor:
     return table
 
 
-def with_noise_cut(space: ModelSpace, noise_cut: float | None) -> ModelSpace:
-    """``space`` (built for one sampler) with its shower transform's noise cut replaced, unless None."""
-    if noise_cut is not None:
-        if not (isinstance(noise_cut, (int, float)) and 0.0 <= noise_cut <= MAX_NOISE_CUT):
-            raise ValueError(f"noise_cut must be a number in [0, {MAX_NOISE_CUT:g}], got {noise_cut!r}")
-        space.shower.noise_cut = float(noise_cut)
-    return space
-
-
 class ShowerSampler(nn.Module):
     """forward(energy GeV, phi, theta, slot, noise[, profile_noise]) -> showers (B, R, P, Z) in MeV.
 
@@ -102,7 +92,7 @@ class ShowerSampler(nn.Module):
         super().__init__()
         self.net, self.config = net, config
         self.sampler, self.steps = resolve_sampling(config, sampler, steps)
-        self.space = with_noise_cut(ModelSpace.from_config(config), noise_cut)
+        self.space = ModelSpace.from_config(config, noise_cut)
         self.precond = precond_for(net, config)
         self.profile_precond = precond_for(net.energy_net, config) if self.space.factorised else None
         thresholds = {**config.geometry_thresholds, **(thresholds or {})}  # readout thresholds, MeV
@@ -172,7 +162,7 @@ class BaselineSampler(nn.Module):
         self.mev = bool(getattr(net, "generates_mev", False))
         if self.mev and noise_cut is not None:
             raise ValueError(f"{net.family} generates MeV itself: it has no noise cut to change")
-        self.space = None if self.mev else with_noise_cut(ModelSpace.from_config(config), noise_cut)
+        self.space = None if self.mev else ModelSpace.from_config(config, noise_cut)
         self.geometries = dict(geometries or {})
         thresholds = {**config.geometry_thresholds, **(thresholds or {})}
         self.register_buffer("thresholds", slot_table(config, thresholds, 0.0), persistent=False)

@@ -66,7 +66,7 @@ def load_teacher(path: str, family: str):
     same family, frozen."""
     from calofm.hub.folders import load_model
 
-    teacher, _, folder = load_model(path)
+    teacher = load_model(path)[0]
     if getattr(teacher, "family", None) != family:
         raise ValueError(f"{path}: is a {teacher.config.model_type} model, not a {family} teacher")
     return teacher.eval().requires_grad_(False)
